@@ -1,0 +1,23 @@
+"""celery-concurrent: Modal-style concurrent inputs and per-function autoscaling for Celery."""
+
+from .decorators import concurrent, spec_of, specs_of
+from .errors import ConcurrentError, ConfigurationError, GpuSpecError, UnknownFunctionError
+from .gpu import GpuRequest, parse_gpu
+from .plugin import install
+from .spec import FunctionSpec
+
+__all__ = [
+    "ConcurrentError",
+    "ConfigurationError",
+    "FunctionSpec",
+    "GpuRequest",
+    "GpuSpecError",
+    "UnknownFunctionError",
+    "concurrent",
+    "install",
+    "parse_gpu",
+    "spec_of",
+    "specs_of",
+]
+
+__version__ = "0.1.0"

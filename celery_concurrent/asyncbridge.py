@@ -1,0 +1,103 @@
+"""Run ``async def`` task bodies under Celery's synchronous tracer.
+
+Celery 5.7's tracer calls ``task.run`` and stores what it returns, so an ``async def``
+task would store a coroutine. :func:`sync_runner` wraps the coroutine function in a
+plain function that drives the coroutine to completion:
+
+* inside a container, the tracer itself runs in an :class:`InputGreenlet` whose parent
+  is an asyncio task on the container's event-loop thread. Each step of the coroutine
+  runs in that greenlet, so Celery's greenlet-local request context (``self.request``)
+  stays right; each future the coroutine waits on is handed to the parent task, which
+  awaits it on the loop. No thread is spent per in-flight input.
+* anywhere else (``task.apply()``, ``task_always_eager``, a plain prefork or threads
+  worker) the coroutine runs to completion on a private event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from greenlet import getcurrent, greenlet
+
+
+class InputGreenlet(greenlet):
+    """The greenlet one container input's tracer runs in."""
+
+
+class Abandon(BaseException):
+    """Sent into an input greenlet to close its coroutine and raise ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def drive(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` from inside an :class:`InputGreenlet`, awaiting on the parent's loop.
+
+    What the parent switches back is ``None`` (resume), an exception to throw into the
+    coroutine, or an :class:`Abandon`.
+    """
+    here = getcurrent()
+    resume: BaseException | None = None
+    while True:
+        try:
+            if resume is None:
+                waiting_on = coro.send(None)
+            elif isinstance(resume, Abandon):
+                coro.close()
+                raise resume.error
+            else:
+                waiting_on = coro.throw(resume)
+        except StopIteration as stop:
+            return stop.value
+        resume = here.parent.switch(waiting_on)
+
+
+def run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Drive ``coro`` to completion from synchronous code and return its result."""
+    if isinstance(getcurrent(), InputGreenlet):
+        return drive(coro)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # Called from code already running on an event loop (an eager call from a
+    # coroutine): that loop must not block, so the input gets a loop of its own.
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="celery-concurrent-eager")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def sync_runner(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    """Wrap a coroutine function so that calling it runs the coroutine to completion."""
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"{fn!r} is not an async function")
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return run_coroutine(fn(*args, **kwargs))
+
+    run.__celery_concurrent_async__ = fn  # type: ignore[attr-defined]
+    return run
+
+
+def original_async(fn: Any) -> Callable[..., Any] | None:
+    """The coroutine function behind a :func:`sync_runner` wrapper, if ``fn`` is one."""
+    return getattr(fn, "__celery_concurrent_async__", None)

@@ -1,0 +1,1 @@
+"""What runs inside one container: a Celery worker dedicated to one function."""

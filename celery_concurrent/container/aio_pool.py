@@ -1,0 +1,191 @@
+"""The asyncio pool: a container's inputs as asyncio tasks on one event-loop thread.
+
+Each input's tracer (acks, result storage, signals, events) runs in an
+:class:`~celery_concurrent.asyncbridge.InputGreenlet` driven by an asyncio task. The
+coroutine of an ``async def`` task then awaits on this loop, so in-flight inputs cost a
+greenlet and a task each, never a thread. ``time_limit`` and ``soft_time_limit`` are
+enforced by cancelling what the coroutine waits on: the soft limit raises
+:class:`~celery.exceptions.SoftTimeLimitExceeded` inside the coroutine, the hard limit
+closes the coroutine and fails the input with
+:class:`~celery.exceptions.TimeLimitExceeded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from celery.concurrency.base import BasePool, apply_target
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.utils.log import get_logger
+from greenlet import getcurrent
+
+from ..asyncbridge import Abandon, InputGreenlet
+from .wakeup import SlotWakeup
+
+logger = get_logger(__name__)
+
+
+class _Limits:
+    """The time limits of one input, as deadlines on the loop's clock."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, soft: float | None, hard: float | None):
+        now = loop.time()
+        self.soft = now + soft if soft else None
+        self.hard = now + hard if hard else None
+        self.soft_limit = soft
+        self.hard_limit = hard
+
+    def next_deadline(self) -> float | None:
+        return min((d for d in (self.soft, self.hard) if d is not None), default=None)
+
+    def expire(self, now: float) -> BaseException:
+        """What to send into the input once its next deadline has passed."""
+        if self.hard is not None and now >= self.hard:
+            return Abandon(TimeLimitExceeded(self.hard_limit))
+        self.soft = None
+        return SoftTimeLimitExceeded(self.soft_limit)
+
+
+class ApplyResult:
+    def __init__(self, future: Future[Any]) -> None:
+        self.f = future
+        self.get = future.result
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.f.exception(timeout)
+
+
+class AsyncioPool(BasePool):
+    """Run up to ``limit`` inputs at once as asyncio tasks on one event-loop thread."""
+
+    body_can_be_buffer = True
+    signal_safe = False
+    task_join_will_block = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._inputs: set[asyncio.Task[None]] = set()
+        # Counted from the moment Celery hands an input over, so that a warm
+        # shutdown also waits for inputs not yet started on the loop.
+        self._accepted = 0
+        self._accepted_lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self.wakeup = SlotWakeup()
+
+    def register_with_event_loop(self, loop: Any) -> None:
+        self.wakeup.register(loop)
+
+    def on_start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run_loop, name="celery-concurrent-loop", daemon=True
+        )
+        self._thread.start()
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def on_apply(
+        self,
+        target: Callable[..., Any],
+        args: Any = None,
+        kwargs: Any = None,
+        callback: Callable[..., Any] | None = None,
+        accept_callback: Callable[..., Any] | None = None,
+        timeout: float | None = None,
+        soft_timeout: float | None = None,
+        **_: Any,
+    ) -> ApplyResult:
+        done: Future[Any] = Future()
+        with self._accepted_lock:
+            self._accepted += 1
+            self._idle.clear()
+        self.loop.call_soon_threadsafe(
+            self._start_input,
+            done,
+            (target, args, kwargs, self.wakeup.wrap(callback), accept_callback),
+            timeout,
+            soft_timeout,
+        )
+        return ApplyResult(done)
+
+    def _start_input(
+        self, done: Future[Any], call: tuple[Any, ...], hard: float | None, soft: float | None
+    ) -> None:
+        task = self.loop.create_task(self._run_input(done, call, _Limits(self.loop, soft, hard)))
+        self._inputs.add(task)
+        task.add_done_callback(self._input_finished)
+
+    def _input_finished(self, task: asyncio.Task[None]) -> None:
+        self._inputs.discard(task)
+        with self._accepted_lock:
+            self._accepted -= 1
+            if not self._accepted:
+                self._idle.set()
+
+    async def _run_input(self, done: Future[Any], call: tuple[Any, ...], limits: _Limits) -> None:
+        gr = InputGreenlet(apply_target, parent=getcurrent())
+        try:
+            waiting_on = gr.switch(*call)
+            while not gr.dead:
+                waiting_on = gr.switch(await self._wait(waiting_on, limits))
+        except BaseException as exc:  # the tracer contains task errors; this is a pool bug
+            logger.exception("celery-concurrent: an input's tracer failed")
+            done.set_exception(exc)
+        else:
+            done.set_result(waiting_on)
+
+    async def _wait(self, waiting_on: Any, limits: _Limits) -> BaseException | None:
+        """Wait for what the coroutine yielded; return what to send back into it."""
+        if waiting_on is None:  # a bare ``yield``: give the loop one turn
+            await asyncio.sleep(0)
+            return None
+        if not asyncio.isfuture(waiting_on):
+            return RuntimeError(f"an asyncio coroutine yielded {waiting_on!r}, not a future")
+        deadline = limits.next_deadline()
+        try:
+            if deadline is None:
+                await asyncio.wait((waiting_on,))
+            else:
+                await asyncio.wait((waiting_on,), timeout=max(0.0, deadline - self.loop.time()))
+        except asyncio.CancelledError as cancelled:
+            waiting_on.cancel()
+            return cancelled
+        if waiting_on.done():
+            return None  # the coroutine reads the outcome from the future itself
+        waiting_on.cancel()
+        return limits.expire(self.loop.time())
+
+    def on_stop(self) -> None:
+        """Warm shutdown: let every input in flight finish, then stop the loop."""
+        self._idle.wait()
+        self._stop_loop()
+        self.wakeup.close()
+
+    def on_terminate(self) -> None:
+        """Cold shutdown: cancel the inputs in flight."""
+        for task in list(self._inputs):
+            self.loop.call_soon_threadsafe(task.cancel)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+        self._thread = None
+
+    @property
+    def in_flight(self) -> int:
+        return self._accepted
+
+    def _get_info(self) -> dict[str, Any]:
+        info = super()._get_info()
+        info.update({"max-concurrency": self.limit, "in-flight": self.in_flight})
+        return info

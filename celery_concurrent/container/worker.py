@@ -1,0 +1,86 @@
+"""Turn a ``celery worker`` into a container of one ``@concurrent`` function.
+
+A container is a real Celery worker process: acks, retries, events, revoke, Flower and
+``inspect`` work unchanged. It consumes only its function's queue, runs up to
+``max_inputs`` inputs at once, and holds no message beyond those, so the broker's queue
+length is the true backlog.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from celery.utils.log import get_logger
+
+from ..errors import ConfigurationError
+from ..spec import ASYNC_POOL, FunctionSpec
+
+logger = get_logger(__name__)
+
+ASYNCIO_POOL_CLS = "celery_concurrent.container.aio_pool:AsyncioPool"
+THREAD_POOL_CLS = "celery_concurrent.container.thread_pool:ThreadPool"
+
+
+def container_nodename(spec: FunctionSpec, ident: str | int, host: str | None = None) -> str:
+    """The node name of a container: it names the function, so Flower shows which."""
+    return f"{spec.name}-{ident}@{host or socket.gethostname()}"
+
+
+def pool_for(spec: FunctionSpec) -> str:
+    """The Celery pool a container of ``spec`` runs its inputs on."""
+    if spec.pool == ASYNC_POOL:
+        return ASYNCIO_POOL_CLS
+    if spec.pool == "threads":
+        return THREAD_POOL_CLS
+    return spec.pool
+
+
+def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None = None) -> None:
+    """Reconfigure a worker that has not built its blueprint yet into a container.
+
+    Called from ``worker_init``, after Celery has read the command line and before it
+    creates the pool and the consumer.
+    """
+    if spec.pool == "gevent" and not _gevent_patched():
+        raise ConfigurationError(
+            "pool",
+            spec.pool,
+            f"the container of {spec.name} must start with '-P gevent' so that "
+            "gevent can patch the standard library first",
+        )
+    host = worker.hostname.partition("@")[2] or socket.gethostname()
+    worker.hostname = container_nodename(spec, ident if ident is not None else _pid(), host)
+    worker.concurrency = spec.max_inputs
+    worker.pool_cls = pool_for(spec)
+    worker.prefetch_multiplier = 1
+    worker.options.update(
+        autoscale=None,
+        without_gossip=True,
+        without_mingle=True,
+    )
+    # Redis: never reserve a message beyond the free slots (N running, none waiting).
+    worker.app.conf.worker_disable_prefetch = True
+    worker.app.amqp.queues.select([spec.queue])
+    logger.info(
+        "celery-concurrent: container %s serves %s from queue %s with %s %s",
+        worker.hostname,
+        spec.name,
+        spec.queue,
+        spec.max_inputs,
+        "asyncio tasks" if spec.is_async else f"{spec.pool} slots",
+    )
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _gevent_patched() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return bool(monkey.is_module_patched("socket"))

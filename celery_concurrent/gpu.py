@@ -1,0 +1,67 @@
+"""GPU requests: parsing the ``gpu=`` setting of a function.
+
+``gpu="any"``, ``gpu="A100"``, ``gpu="H100:2"`` (two devices per container) or a list of
+those, tried in order of preference. Model names are case-insensitive.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import GpuSpecError
+
+ANY = "ANY"
+_SHAPE = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9_.\-]*)(?::(?P<count>[^:]*))?$")
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    """One acceptable device shape: ``count`` devices of ``model`` (``"ANY"`` for any model)."""
+
+    model: str
+    count: int = 1
+
+    def __str__(self) -> str:
+        model = "any" if self.model == ANY else self.model
+        return model if self.count == 1 else f"{model}:{self.count}"
+
+
+def parse_gpu(value: object, parameter: str = "gpu") -> tuple[GpuRequest, ...] | None:
+    """Parse a ``gpu=`` value into requests in order of preference, or ``None`` for CPU.
+
+    Raises :class:`GpuSpecError` naming the parameter and the value on a bad count, an
+    unknown shape or an empty list.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (_parse_one(value, value, parameter),)
+    if isinstance(value, Sequence):
+        if not value:
+            raise GpuSpecError(parameter, value, "an empty list of GPU fallbacks")
+        requests = tuple(_parse_one(item, value, parameter) for item in value)
+        if len(set(requests)) != len(requests):
+            raise GpuSpecError(parameter, value, "the same GPU shape is listed twice")
+        return requests
+    raise GpuSpecError(parameter, value, 'expected a string such as "A100" or "H100:2", or a list')
+
+
+def _parse_one(item: object, whole: object, parameter: str) -> GpuRequest:
+    if not isinstance(item, str):
+        raise GpuSpecError(parameter, whole, f"{item!r} is not a string")
+    match = _SHAPE.match(item.strip())
+    if match is None:
+        raise GpuSpecError(
+            parameter, whole, f'{item!r} is not of the form "MODEL" or "MODEL:COUNT"'
+        )
+    count_text = match.group("count")
+    count = 1
+    if count_text is not None:
+        if not count_text.isdigit():
+            raise GpuSpecError(parameter, whole, f"the count in {item!r} is not a whole number")
+        count = int(count_text)
+        if count < 1:
+            raise GpuSpecError(parameter, whole, f"the count in {item!r} must be at least 1")
+    return GpuRequest(model=match.group("model").upper(), count=count)

@@ -1,0 +1,90 @@
+"""``install(app)``: plug celery-concurrent into a Celery app through Celery's own seams.
+
+It appends the router to ``task_routes``, adds the ``celery worker`` options, and turns
+a worker started with ``--concurrent-function`` into a container (``worker_init``).
+Decorating a task installs the plugin on the task's app; calling it again is harmless.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import click
+from celery import Celery, signals
+from celery._state import connect_on_app_finalize
+from celery.utils.log import get_logger
+
+from .container.worker import configure_container
+from .decorators import adopt_async_run, spec_of, specs_of
+from .errors import UnknownFunctionError
+from .routing import ensure_router
+
+logger = get_logger(__name__)
+
+_installed: weakref.WeakSet[Celery] = weakref.WeakSet()
+
+WORKER_OPTIONS = (
+    click.Option(
+        ["--concurrent-function"],
+        default=None,
+        help="Run this worker as one container of the named @concurrent task: it "
+        "consumes only that function's queue and runs its inputs concurrently.",
+    ),
+)
+
+
+def install(app: Celery) -> Celery:
+    """Install celery-concurrent on ``app``. Idempotent; returns the app."""
+    if app in _installed:
+        if app.configured:
+            ensure_router(app)
+        return app
+    _installed.add(app)
+    if app.configured:
+        ensure_router(app)
+    app.on_after_configure.connect(_on_configured, sender=app, weak=False)
+    app.on_after_finalize.connect(_on_finalized, sender=app, weak=False)
+    for option in WORKER_OPTIONS:
+        app.user_options["worker"].add(option)
+    return app
+
+
+def is_installed(app: Celery) -> bool:
+    return app in _installed
+
+
+def _on_configured(sender: Celery, **_: Any) -> None:
+    ensure_router(sender)
+
+
+def _on_finalized(sender: Celery, **_: Any) -> None:
+    ensure_router(sender)
+    for task in sender.tasks.values():
+        if spec_of(task) is not None:  # validates task options too
+            adopt_async_run(task)
+
+
+@connect_on_app_finalize
+def _install_when_decorated(app: Celery) -> None:
+    # Apps finalized later with @concurrent tasks that no decorator saw being made.
+    if app not in _installed:
+        app.on_after_finalize.connect(_install_if_used, sender=app, weak=False)
+
+
+def _install_if_used(sender: Celery, **_: Any) -> None:
+    if sender not in _installed and specs_of(sender):
+        install(sender)
+        _on_finalized(sender)
+
+
+@signals.worker_init.connect
+def _make_container(sender: Any, **_: Any) -> None:
+    worker = sender
+    name = worker.options.get("concurrent_function")
+    if not name or worker.app not in _installed:
+        return
+    specs = specs_of(worker.app)
+    if name not in specs:
+        raise UnknownFunctionError(name, list(specs))
+    configure_container(worker, specs[name], ident=worker.options.get("concurrent_ident"))

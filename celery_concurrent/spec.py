@@ -1,0 +1,239 @@
+"""FunctionSpec: one frozen, validated configuration per ``@concurrent`` function.
+
+Both spellings of every setting are accepted: the seed's names
+(``allow_concurrent_inputs``, ``concurrency_limit``, ``keep_warm``,
+``container_idle_timeout``) and the current reference names (``max_inputs``,
+``max_containers``, ``min_containers``, ``scaledown_window``). The spec stores the
+current names only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .errors import ConfigurationError
+from .gpu import GpuRequest, parse_gpu
+
+#: seed name -> current name
+ALIASES: Mapping[str, str] = {
+    "allow_concurrent_inputs": "max_inputs",
+    "concurrency_limit": "max_containers",
+    "keep_warm": "min_containers",
+    "container_idle_timeout": "scaledown_window",
+}
+
+SCALING_SETTINGS = (
+    "max_inputs",
+    "target_inputs",
+    "max_containers",
+    "min_containers",
+    "buffer_containers",
+    "scaledown_window",
+)
+
+#: Every keyword ``@concurrent`` (or a task option) accepts.
+OPTION_NAMES: frozenset[str] = frozenset(
+    (*SCALING_SETTINGS, *ALIASES, "gpu", "pool", "queue"),
+)
+
+SYNC_POOLS = ("threads", "gevent")
+ASYNC_POOL = "asyncio"
+
+DEFAULT_MAX_INPUTS = 1
+DEFAULT_SCALEDOWN_WINDOW = 60.0
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """The settings of one ``@concurrent`` function, validated and normalised.
+
+    Parameters
+    ----------
+    name:
+        The Celery task name.
+    queue:
+        The broker queue the function's inputs travel on.
+    is_async:
+        Whether the function is ``async def``; its inputs then run as asyncio tasks.
+    max_inputs:
+        Hard cap on inputs one container runs at once (``allow_concurrent_inputs``).
+    target_inputs:
+        The per-container load the autoscaler aims for; ``<= max_inputs``.
+    max_containers:
+        The most containers of the function (``concurrency_limit``); ``None`` means
+        bounded only by the node.
+    min_containers:
+        Containers kept running with no traffic (``keep_warm``).
+    buffer_containers:
+        Extra idle containers kept while the function is busy.
+    scaledown_window:
+        Seconds a container may sit idle before it is retired (``container_idle_timeout``).
+    gpu:
+        Acceptable device shapes in order of preference, or ``None``.
+    pool:
+        ``"threads"`` or ``"gevent"`` for sync functions, ``"asyncio"`` for async ones.
+    """
+
+    name: str
+    queue: str
+    is_async: bool = False
+    max_inputs: int = DEFAULT_MAX_INPUTS
+    target_inputs: int = DEFAULT_MAX_INPUTS
+    max_containers: int | None = None
+    min_containers: int = 0
+    buffer_containers: int = 0
+    scaledown_window: float = DEFAULT_SCALEDOWN_WINDOW
+    gpu: tuple[GpuRequest, ...] | None = None
+    pool: str = "threads"
+
+    @classmethod
+    def from_options(
+        cls, name: str, options: Mapping[str, Any], *, is_async: bool = False
+    ) -> FunctionSpec:
+        """Build a spec from ``@concurrent`` keywords (either spelling)."""
+        settings = normalize_options(options, is_async=is_async)
+        queue = settings.pop("queue", None) or default_queue(name)
+        return cls(name=name, queue=queue, is_async=is_async, **settings)
+
+    def with_bounds(self, **bounds: Any) -> FunctionSpec:
+        """A copy with new scaling bounds (either spelling), validated like the decorator."""
+        merged = {key: getattr(self, key) for key in SCALING_SETTINGS}
+        merged.update(_canonical_names(bounds))
+        if "max_inputs" in _canonical_names(bounds) and "target_inputs" not in _canonical_names(
+            bounds
+        ):
+            merged["target_inputs"] = min(merged["target_inputs"], merged["max_inputs"])
+        settings = normalize_options(
+            {**merged, "gpu": self._gpu_option(), "pool": self.pool}, is_async=self.is_async
+        )
+        return replace(self, **{k: settings[k] for k in SCALING_SETTINGS})
+
+    def _gpu_option(self) -> list[str] | None:
+        return None if self.gpu is None else [str(g) for g in self.gpu]
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view, with the names used everywhere in status output."""
+        data = asdict(self)
+        data["gpu"] = self._gpu_option()
+        return data
+
+
+def default_queue(task_name: str) -> str:
+    """The queue a function's inputs travel on unless ``queue=`` names another."""
+    return f"concurrent.{task_name}"
+
+
+def _canonical_names(options: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        canonical = ALIASES.get(key, key)
+        if canonical in out:
+            seed = next(k for k, v in ALIASES.items() if v == canonical)
+            raise ConfigurationError(
+                seed,
+                options[seed],
+                f"give either {seed!r} or {canonical!r}, not both "
+                f"({canonical}={options[canonical]!r})",
+            )
+        out[canonical] = value
+    return out
+
+
+def normalize_options(options: Mapping[str, Any], *, is_async: bool = False) -> dict[str, Any]:
+    """Validate ``@concurrent`` keywords and return them under the current names.
+
+    Raises :class:`ConfigurationError` naming the parameter and the value.
+    """
+    unknown = sorted(set(options) - OPTION_NAMES)
+    if unknown:
+        raise ConfigurationError(
+            unknown[0],
+            options[unknown[0]],
+            f"unknown setting; expected one of {', '.join(sorted(OPTION_NAMES))}",
+        )
+    given = _canonical_names(options)
+    spelled = {ALIASES.get(k, k): k for k in options}
+
+    def name_of(canonical: str) -> str:
+        return spelled.get(canonical, canonical)
+
+    out: dict[str, Any] = {}
+    max_inputs = _count(name_of("max_inputs"), given.get("max_inputs", DEFAULT_MAX_INPUTS), 1)
+    target = given.get("target_inputs")
+    target_inputs = max_inputs if target is None else _count("target_inputs", target, 1)
+    if target_inputs > max_inputs:
+        raise ConfigurationError(
+            "target_inputs",
+            target_inputs,
+            f"must not exceed {name_of('max_inputs')}={max_inputs}",
+        )
+    max_containers_raw = given.get("max_containers")
+    max_containers = (
+        None
+        if max_containers_raw is None
+        else _count(name_of("max_containers"), max_containers_raw, 1)
+    )
+    min_containers = _count(name_of("min_containers"), given.get("min_containers", 0), 0)
+    if max_containers is not None and min_containers > max_containers:
+        raise ConfigurationError(
+            name_of("min_containers"),
+            min_containers,
+            f"must not exceed {name_of('max_containers')}={max_containers}",
+        )
+    buffer_containers = _count("buffer_containers", given.get("buffer_containers", 0), 0)
+    window = given.get("scaledown_window", DEFAULT_SCALEDOWN_WINDOW)
+    scaledown_window = _seconds(name_of("scaledown_window"), window)
+
+    out.update(
+        max_inputs=max_inputs,
+        target_inputs=target_inputs,
+        max_containers=max_containers,
+        min_containers=min_containers,
+        buffer_containers=buffer_containers,
+        scaledown_window=scaledown_window,
+        gpu=parse_gpu(given.get("gpu")),
+        pool=_pool(given.get("pool"), is_async),
+    )
+    queue = given.get("queue")
+    if queue is not None:
+        if not isinstance(queue, str) or not queue.strip():
+            raise ConfigurationError("queue", queue, "must be a non-empty string")
+        out["queue"] = queue
+    return out
+
+
+def _count(parameter: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(parameter, value, "must be a whole number")
+    if value < minimum:
+        what = "positive" if minimum == 1 else "zero or more"
+        raise ConfigurationError(parameter, value, f"must be {what}")
+    return value
+
+
+def _seconds(parameter: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(parameter, value, "must be a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(parameter, value, "must be a positive, finite number of seconds")
+    return float(value)
+
+
+def _pool(value: Any, is_async: bool) -> str:
+    if is_async:
+        if value in (None, ASYNC_POOL):
+            return ASYNC_POOL
+        raise ConfigurationError(
+            "pool",
+            value,
+            "async functions run as asyncio tasks on one event-loop thread; "
+            "leave pool unset or use 'asyncio'",
+        )
+    if value is None:
+        return "threads"
+    if value not in SYNC_POOLS:
+        raise ConfigurationError("pool", value, f"expected one of {', '.join(SYNC_POOLS)}")
+    return str(value)

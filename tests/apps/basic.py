@@ -1,0 +1,156 @@
+"""The app the container tests run: sync, async and plain tasks that measure themselves.
+
+Each task counts its own concurrency in the test Redis (``peak:<key>``), so the tests
+read what really ran at once, not what the configuration says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import redis
+from celery import Celery
+from celery.signals import task_failure, task_postrun, task_prerun, task_success
+
+from celery_concurrent import concurrent
+
+BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
+
+app = Celery("basic", broker=BROKER, backend=BROKER)
+app.conf.update(
+    broker_connection_retry_on_startup=True,
+    result_expires=600,
+    worker_hijack_root_logger=False,
+    task_track_started=False,
+)
+
+_redis = redis.Redis.from_url(BROKER)
+
+# INCR the running count and raise the recorded peak atomically.
+_ENTER = _redis.register_script(
+    """
+    local n = redis.call('INCR', KEYS[1])
+    local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if n > peak then redis.call('SET', KEYS[2], n) end
+    return n
+    """
+)
+
+
+def enter(key: str) -> None:
+    _ENTER(keys=[f"running:{key}", f"peak:{key}"])
+
+
+def leave(key: str) -> None:
+    _redis.decr(f"running:{key}")
+    _redis.incr(f"done:{key}")
+
+
+@app.task
+@concurrent(allow_concurrent_inputs=50)
+def sleepy(key: str, seconds: float = 1.0) -> str:
+    enter(key)
+    try:
+        time.sleep(seconds)
+    finally:
+        leave(key)
+    return key
+
+
+@app.task
+@concurrent(allow_concurrent_inputs=2000)
+async def async_sleepy(key: str, seconds: float = 1.0) -> str:
+    enter(key)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        leave(key)
+    return key
+
+
+@concurrent(max_inputs=10)
+@app.task(bind=True, max_retries=3, default_retry_delay=0.05)
+async def async_behaviour(self, mode: str, arg: float = 0.0):
+    """One async task that exercises each Celery behaviour, by ``mode``."""
+    await asyncio.sleep(0.01)
+    if mode == "request":
+        await asyncio.sleep(arg)
+        return {
+            "id": self.request.id,
+            "args": list(self.request.args),
+            "hostname": self.request.hostname,
+        }
+    if mode == "fail":
+        raise KeyError("async boom")
+    if mode == "retry":
+        if self.request.retries < 2:
+            raise self.retry(countdown=0.05)
+        return self.request.retries
+    if mode == "sleep":
+        try:
+            await asyncio.sleep(arg)
+        except BaseException as exc:
+            _redis.set(f"sleep-exit:{self.request.id}", type(exc).__name__)
+            raise
+        return "slept"
+    return mode
+
+
+@app.task(time_limit=1)
+@concurrent(max_inputs=4)
+async def async_hard_limited(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "finished"
+
+
+@app.task(soft_time_limit=0.5)
+@concurrent(max_inputs=4)
+async def async_soft_limited(seconds: float) -> str:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    try:
+        await asyncio.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "soft limit caught"
+    return "finished"
+
+
+@app.task
+@concurrent(allow_concurrent_inputs=10, pool="gevent")
+def green_sleepy(key: str, seconds: float = 0.5) -> str:
+    enter(key)
+    try:
+        time.sleep(seconds)
+    finally:
+        leave(key)
+    return key
+
+
+@app.task
+def plain_add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task
+async def plain_async(x: int) -> int:
+    await asyncio.sleep(0)
+    return x * 2
+
+
+def _record(signal_name: str):
+    def handler(sender=None, task_id=None, **_):
+        if sender is not None and getattr(sender, "name", "").endswith("async_behaviour"):
+            _redis.rpush(f"signals:{task_id}", signal_name)
+
+    return handler
+
+
+for _signal, _name in (
+    (task_prerun, "task_prerun"),
+    (task_postrun, "task_postrun"),
+    (task_success, "task_success"),
+    (task_failure, "task_failure"),
+):
+    _signal.connect(_record(_name), weak=False)
