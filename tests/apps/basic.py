@@ -26,26 +26,31 @@ app.conf.update(
     task_track_started=False,
 )
 
-_redis = redis.Redis.from_url(BROKER)
-
 # INCR the running count and raise the recorded peak atomically.
-_ENTER = _redis.register_script(
-    """
-    local n = redis.call('INCR', KEYS[1])
-    local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
-    if n > peak then redis.call('SET', KEYS[2], n) end
-    return n
-    """
-)
+_ENTER = """
+local n = redis.call('INCR', KEYS[1])
+local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
+if n > peak then redis.call('SET', KEYS[2], n) end
+return n
+"""
+_clients: dict[str, redis.Redis] = {}
+
+
+def store() -> redis.Redis:
+    """A client of the broker's Redis, where the tasks record what they did."""
+    url = app.conf.broker_url
+    if url not in _clients:
+        _clients[url] = redis.Redis.from_url(url)
+    return _clients[url]
 
 
 def enter(key: str) -> None:
-    _ENTER(keys=[f"running:{key}", f"peak:{key}"])
+    store().eval(_ENTER, 2, f"running:{key}", f"peak:{key}")
 
 
 def leave(key: str) -> None:
-    _redis.decr(f"running:{key}")
-    _redis.incr(f"done:{key}")
+    store().decr(f"running:{key}")
+    store().incr(f"done:{key}")
 
 
 @app.task
@@ -92,7 +97,7 @@ async def async_behaviour(self, mode: str, arg: float = 0.0):
         try:
             await asyncio.sleep(arg)
         except BaseException as exc:
-            _redis.set(f"sleep-exit:{self.request.id}", type(exc).__name__)
+            store().set(f"sleep-exit:{self.request.id}", type(exc).__name__)
             raise
         return "slept"
     return mode
@@ -142,7 +147,7 @@ async def plain_async(x: int) -> int:
 def _record(signal_name: str):
     def handler(sender=None, task_id=None, **_):
         if sender is not None and getattr(sender, "name", "").endswith("async_behaviour"):
-            _redis.rpush(f"signals:{task_id}", signal_name)
+            store().rpush(f"signals:{task_id}", signal_name)
 
     return handler
 

