@@ -101,13 +101,28 @@ def _decorate_task(task: Task, options: Mapping[str, Any]) -> None:
 
 def _decorate_lazy_task(proxy: PromiseProxy, options: Mapping[str, Any]) -> PromiseProxy:
     # Evaluating the proxy now would bind the task to a configuration that may not be
-    # loaded yet, so the task is decorated when Celery evaluates it.
+    # loaded yet, so the task is decorated when Celery evaluates it. The checks that
+    # depend on the function (an async one takes no sync pool) still run now.
+    fn = _pending_function(proxy)
+    if fn is not None:
+        is_async = inspect.iscoroutinefunction(fn) or original_async(fn) is not None
+        normalize_options(options, is_async=is_async)
+
     def on_evaluated() -> None:
         _decorate_task(proxy._get_current_object(), options)
 
     proxy.__then__(on_evaluated)
     _install_on_current_app()
     return proxy
+
+
+def _pending_function(proxy: PromiseProxy) -> Callable[..., Any] | None:
+    """The function a pending ``@app.task`` proxy will make its task from, if known."""
+    try:
+        args = object.__getattribute__(proxy, "_Proxy__args")
+    except AttributeError:
+        return None
+    return args[0] if args and callable(args[0]) else None
 
 
 def _install_on_current_app() -> None:

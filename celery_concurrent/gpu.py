@@ -59,7 +59,8 @@ def _parse_one(item: object, whole: object, parameter: str) -> GpuRequest:
     count_text = match.group("count")
     count = 1
     if count_text is not None:
-        if not count_text.isdigit():
+        # isdigit() alone accepts digits int() rejects, such as "²".
+        if not (count_text.isascii() and count_text.isdigit()):
             raise GpuSpecError(parameter, whole, f"the count in {item!r} is not a whole number")
         count = int(count_text)
         if count < 1:

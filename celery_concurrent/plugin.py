@@ -17,7 +17,7 @@ from celery.utils.log import get_logger
 
 from .container.worker import configure_container
 from .decorators import adopt_async_run, spec_of, specs_of
-from .errors import UnknownFunctionError
+from .errors import ConcurrentError, UnknownFunctionError
 from .routing import ensure_router
 
 logger = get_logger(__name__)
@@ -84,7 +84,13 @@ def _make_container(sender: Any, **_: Any) -> None:
     name = worker.options.get("concurrent_function")
     if not name or worker.app not in _installed:
         return
-    specs = specs_of(worker.app)
-    if name not in specs:
-        raise UnknownFunctionError(name, list(specs))
-    configure_container(worker, specs[name], ident=worker.options.get("concurrent_ident"))
+    # Celery logs and swallows exceptions from signal handlers; a container that cannot
+    # be configured must not carry on as a plain worker, so it exits instead.
+    try:
+        specs = specs_of(worker.app)
+        if name not in specs:
+            raise UnknownFunctionError(name, list(specs))
+        configure_container(worker, specs[name], ident=worker.options.get("concurrent_ident"))
+    except ConcurrentError as exc:
+        logger.critical("celery-concurrent: cannot start the container: %s", exc)
+        raise SystemExit(f"celery-concurrent: {exc}") from exc

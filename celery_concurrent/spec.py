@@ -99,16 +99,34 @@ class FunctionSpec:
         return cls(name=name, queue=queue, is_async=is_async, **settings)
 
     def with_bounds(self, **bounds: Any) -> FunctionSpec:
-        """A copy with new scaling bounds (either spelling), validated like the decorator."""
-        merged = {key: getattr(self, key) for key in SCALING_SETTINGS}
-        merged.update(_canonical_names(bounds))
-        if "max_inputs" in _canonical_names(bounds) and "target_inputs" not in _canonical_names(
-            bounds
-        ):
-            merged["target_inputs"] = min(merged["target_inputs"], merged["max_inputs"])
+        """A copy with new scaling bounds (either spelling), validated like the decorator.
+
+        Raises :class:`ConfigurationError` for a bad value, and for a setting that is not
+        a scaling bound (``gpu``, ``pool``, ``queue`` are fixed when the function is made).
+        """
+        given = _canonical_names(bounds)
+        fixed = sorted(set(bounds) & {"gpu", "pool", "queue"})
+        if fixed:
+            raise ConfigurationError(
+                fixed[0],
+                bounds[fixed[0]],
+                "is fixed when the function is decorated; only scaling bounds change",
+            )
+        # Without a new target_inputs, a target equal to max_inputs (the default: fill
+        # each container) follows the new max_inputs; a lower one is kept, capped by it.
+        follow_target = "max_inputs" in given and "target_inputs" not in given
+        kept = {
+            key: getattr(self, key)
+            for key in SCALING_SETTINGS
+            if key not in given and not (follow_target and key == "target_inputs")
+        }
+        # The user's own spelling goes through, so that an error names what they wrote.
         settings = normalize_options(
-            {**merged, "gpu": self._gpu_option(), "pool": self.pool}, is_async=self.is_async
+            {**kept, **bounds, "gpu": self._gpu_option(), "pool": self.pool},
+            is_async=self.is_async,
         )
+        if follow_target and self.target_inputs < self.max_inputs:
+            settings["target_inputs"] = min(self.target_inputs, settings["max_inputs"])
         return replace(self, **{k: settings[k] for k in SCALING_SETTINGS})
 
     def _gpu_option(self) -> list[str] | None:

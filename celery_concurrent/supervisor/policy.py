@@ -9,7 +9,8 @@ Read top to bottom it is the whole rule:
 * retire only containers idle for ``scaledown_window``, most idle first, never below
   ``desired`` (which is never below ``min_containers``);
 * above the upper bound (after a runtime update lowered it) drain the surplus at once,
-  least busy first. Retiring always drains: no input is cut off.
+  least busy first, leaving containers still starting for a later decision. Retiring
+  always drains: no input is cut off.
 """
 
 from __future__ import annotations
@@ -102,7 +103,11 @@ def _retirable(obs: Observation, desired: int) -> tuple[str, ...]:
     live = len(obs.containers)
     upper = upper_bound(obs.spec, obs.node_capacity)
     over_bound = max(0, live - upper) if upper is not None else 0
-    least_busy = sorted(obs.containers, key=lambda c: (c.in_flight, -c.idle_for, c.ident))
+    # A starting container cannot be retired yet; it drains on a later decision.
+    least_busy = sorted(
+        (c for c in obs.containers if not c.starting),
+        key=lambda c: (c.in_flight, -c.idle_for, c.ident),
+    )
     forced = least_busy[:over_bound]
     window = obs.spec.scaledown_window
     idle = sorted(

@@ -1,0 +1,1 @@
+"""Benchmarks of celery-concurrent against plain Celery on the same work."""

@@ -1,0 +1,231 @@
+"""Overhead of a container against plain Celery, on the same no-op work.
+
+Run it with ``python -m benchmarks.bench_overhead`` from the repository root.
+
+Two workers take turns on one private Redis; only one runs at a time:
+
+- **ours**: one container, ``celery -A benchmarks.apps worker --concurrent-function
+  benchmarks.apps.concurrent_noop`` (10 threads, never more than 10 messages reserved);
+- **plain**: ``celery -A benchmarks.apps worker -P threads -c 10 -Q bench.plain`` running
+  ``plain_noop`` with Celery's default prefetch multiplier (4, so 40 reserved).
+
+How one run is measured, the same way on both sides:
+
+1. With no worker running, the queue is filled with the same ``K`` messages (published
+   once per side, then copied back in with Redis ``COPY`` before each run).
+2. The worker starts and drains the backlog. Each input does the task's only work: an
+   ``INCR`` of a counter in Redis; the input that makes it 1 and the one that makes it
+   ``K`` store ``time.time()``.
+3. Throughput is ``(K - 1) / (t_K - t_1)``: from the first completion to the last. Worker
+   start-up (imports, connecting, the first fetch) is left out; it is reported on its
+   own as ``startup_s`` (from spawning the process to the first completion).
+
+Rounds alternate which side goes first (ours-plain, plain-ours, ...), so a drift of the
+machine weighs on both sides alike. The report gives the median throughput of each side,
+its spread (min/max) and the ratio ours/plain, and writes ``benchmarks/results/
+overhead.json``. Both workers run at log level WARNING, so no per-task log line is
+written on either side, and both run without gossip and mingle, as a container does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.support import RedisServer, Workers
+
+APP = "benchmarks.apps"
+MAX_INPUTS = 10
+RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
+TARGET_RATIO = 0.95
+COUNTER = "bench:done"
+
+COMMON_ARGS = ("-l", "WARNING", "--without-gossip", "--without-mingle")
+
+
+@dataclass(frozen=True)
+class Side:
+    name: str
+    task: str
+    queue: str
+    worker_args: tuple[str, ...]
+
+    @property
+    def command(self) -> str:
+        return " ".join(("celery", "-A", APP, "worker", *self.worker_args))
+
+
+@dataclass(frozen=True)
+class Run:
+    side: str
+    round: int
+    inputs_per_s: float
+    drain_s: float
+    startup_s: float
+
+
+def sides(app: Any) -> list[Side]:
+    ours = app.tasks[f"{APP}.concurrent_noop"]
+    spec_queue = f"concurrent.{ours.name}"
+    plain_queue = importlib.import_module(APP).PLAIN_QUEUE
+    return [
+        Side(
+            "ours",
+            ours.name,
+            spec_queue,
+            ("--concurrent-function", ours.name, *COMMON_ARGS),
+        ),
+        Side(
+            "plain",
+            f"{APP}.plain_noop",
+            plain_queue,
+            ("-P", "threads", "-c", str(MAX_INPUTS), "-Q", plain_queue, *COMMON_ARGS),
+        ),
+    ]
+
+
+def template_key(side: Side) -> str:
+    return f"bench:template:{side.name}"
+
+
+def publish_backlog(app: Any, rds: redis.Redis, side: Side, total: int) -> None:
+    """Publish ``total`` messages once and keep them as the side's template backlog."""
+    task = app.tasks[side.task]
+    with app.producer_or_acquire() as producer:
+        for _ in range(total):
+            task.apply_async((COUNTER, total), producer=producer)
+    assert rds.llen(side.queue) == total, (side.queue, rds.llen(side.queue))
+    rds.rename(side.queue, template_key(side))
+
+
+def measure(
+    workers: Workers, rds: redis.Redis, side: Side, total: int, round_no: int, timeout: float
+) -> Run:
+    rds.delete(COUNTER, f"{COUNTER}:t1", f"{COUNTER}:t{total}")
+    rds.copy(template_key(side), side.queue, replace=True)
+    spawned = time.time()
+    # Workers.start passes "-l INFO" first; our "-l WARNING" comes later and wins.
+    proc = workers.start(APP, *side.worker_args, wait_ready=False)
+    try:
+        deadline = time.monotonic() + timeout
+        while int(rds.get(COUNTER) or 0) < total or not rds.exists(f"{COUNTER}:t{total}"):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{side.name} worker exited:\n{workers.log_of(proc)[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{side.name}: {rds.get(COUNTER)} of {total} inputs within {timeout}s:\n"
+                    f"{workers.log_of(proc)[-3000:]}"
+                )
+            time.sleep(0.02)
+    finally:
+        workers.stop_all()
+    done = int(rds.get(COUNTER) or 0)
+    if done != total or rds.llen(side.queue) or rds.hlen("unacked"):
+        raise RuntimeError(f"{side.name}: {done} of {total} done, backlog left behind")
+    first = float(rds.get(f"{COUNTER}:t1") or 0)
+    last = float(rds.get(f"{COUNTER}:t{total}") or 0)
+    drain = last - first
+    return Run(side.name, round_no, (total - 1) / drain, drain, first - spawned)
+
+
+def summarize(runs: list[Run], name: str) -> dict[str, float]:
+    rates = [run.inputs_per_s for run in runs if run.side == name]
+    return {
+        "median": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "startup_s_median": statistics.median(run.startup_s for run in runs if run.side == name),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--inputs", type=int, default=5000, help="backlog K per run")
+    parser.add_argument("--rounds", type=int, default=4, help="runs of each side")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per run, at most")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    server = RedisServer().start()
+    try:
+        # The app reads its broker when imported, so point it at the private Redis first.
+        os.environ["CELERY_BROKER_URL"] = server.url
+        app = importlib.import_module(APP).app
+        rds = redis.Redis.from_url(server.url)
+        both = sides(app)
+        for side in both:
+            publish_backlog(app, rds, side, args.inputs)
+        runs: list[Run] = []
+        with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
+            workers = Workers(server.url, Path(logdir))
+            try:
+                for round_no in range(args.rounds):
+                    order = both if round_no % 2 == 0 else both[::-1]
+                    for side in order:
+                        run = measure(workers, rds, side, args.inputs, round_no, args.timeout)
+                        runs.append(run)
+                        print(
+                            f"round {round_no + 1} {side.name:5}: {run.inputs_per_s:8.0f} "
+                            f"inputs/s  (drain {run.drain_s:.2f}s, startup {run.startup_s:.2f}s)",
+                            flush=True,
+                        )
+            finally:
+                workers.stop_all()
+    finally:
+        server.stop()
+
+    ours, plain = summarize(runs, "ours"), summarize(runs, "plain")
+    ratio = ours["median"] / plain["median"]
+    print()
+    print(f"{'side':6} {'median/s':>9} {'min/s':>9} {'max/s':>9}  command")
+    for side, numbers in zip(both, (ours, plain), strict=True):
+        print(
+            f"{side.name:6} {numbers['median']:9.0f} {numbers['min']:9.0f} "
+            f"{numbers['max']:9.0f}  {side.command}"
+        )
+    verdict = "meets" if ratio >= TARGET_RATIO else "misses"
+    print(f"ratio ours/plain: {ratio:.3f} ({verdict} the target {TARGET_RATIO})")
+
+    report = {
+        "benchmark": "overhead",
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.bench_overhead"])
+        + "".join(f" {arg}" for arg in (argv if argv is not None else sys.argv[1:])),
+        "parameters": {
+            "inputs_per_run": args.inputs,
+            "rounds_per_side": args.rounds,
+            "max_inputs": MAX_INPUTS,
+            "plain_concurrency": MAX_INPUTS,
+            "plain_prefetch_multiplier": 4,
+            "measure": "(K - 1) / (t_K - t_1): first to last completion of a pre-loaded backlog",
+        },
+        "workers": {side.name: side.command for side in both},
+        "results": {"ours": ours, "plain": plain, "ratio": ratio, "target": TARGET_RATIO},
+        "runs": [asdict(run) for run in runs],
+        "environment": {
+            "python": platform.python_version(),
+            "celery": importlib.import_module("celery").__version__,
+            "kombu": importlib.import_module("kombu").__version__,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
