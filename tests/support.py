@@ -55,11 +55,16 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 redis_server_binary(),
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.dir,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -126,7 +131,15 @@ class Workers:
     ) -> subprocess.Popen[bytes]:
         log = self.logdir / f"worker-{len(self.procs)}.log"
         cmd: Sequence[str] = [
-            sys.executable, "-m", "celery", "-A", app, "worker", "-l", "INFO", *args,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "worker",
+            "-l",
+            "INFO",
+            *args,
         ]
         with open(log, "wb") as out:
             proc = subprocess.Popen(

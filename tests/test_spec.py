@@ -61,9 +61,7 @@ def assert_names(error: ConfigurationError, parameter: str, value: Any) -> None:
             {"max_inputs": 7, "target_inputs": 7},
             id="allow_concurrent_inputs-is-max_inputs",
         ),
-        pytest.param(
-            {"max_inputs": 7}, {"max_inputs": 7, "target_inputs": 7}, id="max_inputs"
-        ),
+        pytest.param({"max_inputs": 7}, {"max_inputs": 7, "target_inputs": 7}, id="max_inputs"),
         pytest.param(
             {"max_inputs": 8, "target_inputs": 3},
             {"max_inputs": 8, "target_inputs": 3},
@@ -75,7 +73,9 @@ def assert_names(error: ConfigurationError, parameter: str, value: Any) -> None:
             id="target_inputs-equal-to-allow_concurrent_inputs",
         ),
         pytest.param(
-            {"concurrency_limit": 4}, {"max_containers": 4}, id="concurrency_limit-is-max_containers"
+            {"concurrency_limit": 4},
+            {"max_containers": 4},
+            id="concurrency_limit-is-max_containers",
         ),
         pytest.param({"max_containers": 4}, {"max_containers": 4}, id="max_containers"),
         pytest.param(
@@ -199,9 +199,7 @@ INVALID = [
         "target_inputs>allow_concurrent_inputs",
     ),
     _case({"target_inputs": 2}, "target_inputs", 2, "target_inputs>default-max_inputs"),
-    _case(
-        {"concurrency_limit": 3, "keep_warm": 4}, "keep_warm", 4, "keep_warm>concurrency_limit"
-    ),
+    _case({"concurrency_limit": 3, "keep_warm": 4}, "keep_warm", 4, "keep_warm>concurrency_limit"),
     _case(
         {"max_containers": 3, "min_containers": 4},
         "min_containers",
@@ -375,9 +373,7 @@ def test_task_options_give_the_spec(app: Celery) -> None:
     def fetch(url: str) -> str:
         return url
 
-    assert spec_of(fetch) == expected_spec(
-        fetch, max_inputs=10, target_inputs=10, max_containers=3
-    )
+    assert spec_of(fetch) == expected_spec(fetch, max_inputs=10, target_inputs=10, max_containers=3)
 
 
 def test_invalid_task_option_is_reported_when_the_spec_is_read(app: Celery) -> None:
