@@ -80,9 +80,9 @@ def test_async_task_through_task_options_runs_once_the_app_is_finalized(app):
 
     install(app)
 
-    @app.task(allow_concurrent_inputs=4)
-    async def ask(x):
+    @app.task(allow_concurrent_inputs=4, shared=False)
+    async def triple(x):
         return x * 3
 
     app.finalize()
-    assert ask.apply(args=(2,)).get() == 6
+    assert triple.apply(args=(2,)).get() == 6
