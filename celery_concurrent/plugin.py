@@ -15,10 +15,13 @@ from celery import Celery, signals
 from celery._state import connect_on_app_finalize
 from celery.utils.log import get_logger
 
+from . import control  # noqa: F401 - registers the remote control commands
+from .container.reporter import LoadReporter
 from .container.worker import configure_container
 from .decorators import adopt_async_run, spec_of, specs_of
 from .errors import ConcurrentError, UnknownFunctionError
 from .routing import ensure_router
+from .supervisor.bootstep import SupervisorStep
 
 logger = get_logger(__name__)
 
@@ -30,6 +33,31 @@ WORKER_OPTIONS = (
         default=None,
         help="Run this worker as one container of the named @concurrent task: it "
         "consumes only that function's queue and runs its inputs concurrently.",
+    ),
+    click.Option(
+        ["--without-concurrent"],
+        is_flag=True,
+        default=False,
+        help="Do not supervise @concurrent functions on this node.",
+    ),
+    click.Option(
+        ["--concurrent-functions"],
+        default=None,
+        help="Comma-separated task names: supervise only these @concurrent functions "
+        "on this node (default: all of them).",
+    ),
+    click.Option(
+        ["--concurrent-max-containers"],
+        type=click.IntRange(min=1),
+        default=None,
+        help="The node-wide bound on containers (default: 4 per CPU, at most one per "
+        "256 MiB of memory).",
+    ),
+    click.Option(
+        ["--concurrent-poll-interval"],
+        type=click.FloatRange(min=0.005, max=5.0),
+        default=None,
+        help="Seconds between the supervisor's backlog reads (default 0.05).",
     ),
 )
 
@@ -47,6 +75,8 @@ def install(app: Celery) -> Celery:
     app.on_after_finalize.connect(_on_finalized, sender=app, weak=False)
     for option in WORKER_OPTIONS:
         app.user_options["worker"].add(option)
+    app.steps["worker"].add(SupervisorStep)
+    app.steps["worker"].add(LoadReporter)
     return app
 
 

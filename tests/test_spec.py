@@ -450,6 +450,8 @@ def test_queue_option_overrides_the_default_queue(app: Celery, order: str) -> No
     assert spec.queue == "fetchers"
 
 
+# Celery deprecates the task's own queue option, but code that sets it must still work.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_task_queue_option_is_the_function_queue(app: Celery) -> None:
     @app.task(queue="fetchers")
     @concurrent(max_inputs=2)

@@ -1,0 +1,68 @@
+"""Remote control commands: ``concurrent_status`` and ``concurrent_update``.
+
+They run on the node's main process, next to its supervisor, and change nothing
+unless their arguments validate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.worker.control import control_command, inspect_command
+
+from .errors import ConcurrentError
+
+#: the bounds ``concurrent update`` may change at runtime (either spelling)
+UPDATABLE = frozenset(
+    {
+        "min_containers",
+        "keep_warm",
+        "max_containers",
+        "concurrency_limit",
+        "buffer_containers",
+        "target_inputs",
+        "scaledown_window",
+        "container_idle_timeout",
+    }
+)
+
+
+def _supervisor(state: Any) -> Any:
+    controller = getattr(state.consumer, "controller", None)
+    return getattr(controller, "concurrent_supervisor", None)
+
+
+@inspect_command(name="concurrent_status")
+def concurrent_status(state: Any) -> dict[str, Any]:
+    """The node's @concurrent function pools."""
+    supervisor = _supervisor(state)
+    if supervisor is None:
+        return {"functions": []}
+    return {"functions": supervisor.status()}
+
+
+@control_command(
+    name="concurrent_update",
+    args=[("function", str), ("bounds", dict)],
+    signature="<function> <bounds>",
+)
+def concurrent_update(
+    state: Any, function: str, bounds: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Change the bounds of a running function; they apply at once."""
+    supervisor = _supervisor(state)
+    if supervisor is None:
+        return {"error": "this node runs no celery-concurrent supervisor"}
+    bounds = dict(bounds or {})
+    unknown = sorted(set(bounds) - UPDATABLE)
+    if not bounds:
+        return {"error": "no bounds given"}
+    if unknown:
+        return {"error": f"{unknown[0]}={bounds[unknown[0]]!r}: cannot be changed at runtime"}
+    if function not in supervisor.pools:
+        return {"error": f"{function!r} is not supervised on this node"}
+    try:
+        spec = supervisor.update(function, **bounds)
+    except ConcurrentError as exc:
+        return {"error": str(exc)}
+    return {"ok": spec.as_dict()}

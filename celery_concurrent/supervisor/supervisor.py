@@ -1,0 +1,376 @@
+"""The supervisor: one thread per node that scales every function's containers.
+
+Each turn it reads the containers' load reports, reaps exits, reads each queue's
+backlog from the broker, asks the policy for a decision per function and carries it
+out. A turn takes a few broker round trips, so it runs every ``poll_interval`` (50 ms
+by default) and at once when a container reports: scale-up is immediate, not a poll of
+tens of seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import select
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from celery.utils.log import get_logger
+
+from ..reports import LoadReport
+from ..spec import FunctionSpec
+from .launcher import ContainerLaunch, Launcher
+from .policy import Decision, Observation, decide
+from .pool import Container, FunctionPool
+from .probes import BacklogProbe
+
+logger = get_logger(__name__)
+
+DEFAULT_POLL_INTERVAL = 0.05
+#: a container that does not drain within this long after a node stop is killed
+DEFAULT_DRAIN_TIMEOUT = 300.0
+
+
+def default_node_max_containers() -> int:
+    """The node-wide bound on containers: four per CPU, and one per 256 MiB of memory."""
+    cpus = os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 4 << 30
+    return max(1, min(4 * cpus, memory // (256 << 20)))
+
+
+@dataclass
+class SupervisorSettings:
+    app_ref: str
+    hostname: str
+    node_max_containers: int = field(default_factory=default_node_max_containers)
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    loglevel: str = "WARNING"
+    logfile: str | None = None
+    task_events: bool = False
+    conf: dict[str, Any] = field(default_factory=dict)
+    preload: list[str] = field(default_factory=list)
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+
+
+class Supervisor:
+    """Keeps, for every function it serves, a pool of containers that scales by itself."""
+
+    def __init__(self, app: Celery, specs: Iterable[FunctionSpec], settings: SupervisorSettings):
+        self.app = app
+        self.settings = settings
+        self.pools: dict[str, FunctionPool] = {s.name: FunctionPool(s) for s in specs}
+        self.launcher = Launcher(settings.preload)
+        self.probe = BacklogProbe(app)
+        self._by_ident: dict[str, tuple[FunctionPool, Container]] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._dir = tempfile.mkdtemp(prefix="celery-concurrent-")
+        self.address = os.path.join(self._dir, "reports.sock")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.address)
+        self._sock.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe()
+        self.started_at = time.monotonic()
+        self.turn_seconds = 0.0
+        self.turns = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self.launcher.warm_up()
+        self._thread = threading.Thread(target=self._run, name="celery-concurrent-supervisor")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain every container and wait for them to exit."""
+        self._halt()
+        deadline = time.monotonic() + (self.settings.drain_timeout if timeout is None else timeout)
+        with self._lock:
+            for pool in self.pools.values():
+                for ident in list(pool.containers):
+                    self._retire(pool, ident, "node stopping")
+        while time.monotonic() < deadline and self._any_running():
+            self._reap(time.monotonic())
+            time.sleep(0.05)
+        self.terminate()
+
+    def terminate(self) -> None:
+        """Kill whatever is still running."""
+        self._halt()
+        with self._lock:
+            for pool in self.pools.values():
+                for container in [*pool.containers.values(), *pool.retiring.values()]:
+                    container.process.kill()
+            deadline = time.monotonic() + 5
+            while self._any_running() and time.monotonic() < deadline:
+                self._reap(time.monotonic())
+                time.sleep(0.02)
+        self.probe.close()
+        self._sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _halt(self) -> None:
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.wake()
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(10)
+
+    def _any_running(self) -> bool:
+        return any(p.containers or p.retiring for p in self.pools.values())
+
+    def wake(self) -> None:
+        """Run a turn now (after a runtime update, for instance)."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            began = time.monotonic()
+            try:
+                with self._lock:
+                    self.turn(began)
+            except Exception:  # the loop must outlive any one bad turn
+                logger.exception("celery-concurrent: supervisor turn failed")
+            self.turn_seconds += time.monotonic() - began
+            self.turns += 1
+            try:
+                readable, _, _ = select.select(
+                    [self._sock.fileno(), self._wake_r], [], [], self.settings.poll_interval
+                )
+            except (OSError, ValueError):
+                return
+            if self._wake_r in readable:
+                os.read(self._wake_r, 4096)
+
+    def turn(self, now: float) -> None:
+        self._read_reports()
+        self._reap(now)
+        for pool in self.pools.values():
+            backlog = self.probe.backlog(pool.spec.queue)
+            if backlog is None:
+                continue  # broker unreachable: keep what runs, decide nothing
+            pool.backlog = backlog
+            decision = decide(
+                Observation(
+                    pool.spec, backlog, pool.states(now), node_capacity=self._node_capacity(pool)
+                )
+            )
+            self._apply(pool, decision, now)
+            pool.record_healthy()
+        self._force_overdue_drains(now)
+
+    def _node_capacity(self, pool: FunctionPool) -> int:
+        bound = self.settings.node_max_containers
+        others = sum(p.live for p in self.pools.values() if p is not pool)
+        busy = sum(1 for p in self.pools.values() if p is pool or p.live or p.backlog)
+        # Every busy function may use its fair share even when others fill the node;
+        # the others then drain down to theirs, so a flood never starves a function.
+        return max(max(1, bound // max(busy, 1)), bound - others)
+
+    def _apply(self, pool: FunctionPool, decision: Decision, now: float) -> None:
+        before = pool.live
+        if decision.start:
+            if pool.backing_off(now):
+                return
+            for _ in range(decision.start):
+                if not self._start(pool, now):
+                    break
+        for ident in decision.retire:
+            self._retire(pool, ident, "scale-down")
+        if pool.live != before:
+            event = pool.record_event(before, pool.live, decision.reason)
+            logger.info("%s: %s", pool.spec.name, event.describe())
+
+    def _start(self, pool: FunctionPool, now: float) -> bool:
+        ident = str(next(self._ids))
+        launch = ContainerLaunch(
+            app_ref=self.settings.app_ref,
+            spec=pool.spec,
+            ident=ident,
+            hostname=self.settings.hostname,
+            report_address=self.address,
+            supervisor_pid=os.getpid(),
+            loglevel=self.settings.loglevel,
+            logfile=self.settings.logfile,
+            task_events=self.settings.task_events,
+            conf=self.settings.conf,
+        )
+        try:
+            process = self.launcher.start(launch)
+        except Exception as exc:  # noqa: BLE001 - reported, backed off, never fatal
+            delay = pool.record_crash(Container(ident, _NoProcess(), now), None, now)
+            pool.last_error = f"cannot start a container: {exc}"
+            logger.warning(
+                "%s: cannot start a container (%s); retrying in %.0fs", pool.spec.name, exc, delay
+            )
+            return False
+        container = Container(ident, process, started_at=now)
+        pool.containers[ident] = container
+        self._by_ident[ident] = (pool, container)
+        return True
+
+    def _retire(self, pool: FunctionPool, ident: str, why: str) -> None:
+        container = pool.containers.pop(ident, None)
+        if container is None:
+            return
+        now = time.monotonic()
+        container.retiring_since = now
+        container.drain_deadline = now + self.settings.drain_timeout
+        pool.retiring[ident] = container
+        # SIGTERM is Celery's warm shutdown: stop consuming, finish what runs, and
+        # give back what was reserved but not started.
+        container.process.terminate()
+        logger.debug("%s: retiring container %s (%s)", pool.spec.name, ident, why)
+
+    def _force_overdue_drains(self, now: float) -> None:
+        for pool in self.pools.values():
+            for container in pool.retiring.values():
+                if container.drain_deadline is not None and now > container.drain_deadline:
+                    logger.warning(
+                        "%s: container %s did not drain in %.0fs; killing it",
+                        pool.spec.name,
+                        container.ident,
+                        self.settings.drain_timeout,
+                    )
+                    container.process.kill()
+                    container.drain_deadline = None
+
+    def _reap(self, now: float) -> None:
+        for pool in self.pools.values():
+            for ident, container in list(pool.containers.items()):
+                code = container.process.exitcode()
+                if code is None:
+                    continue
+                del pool.containers[ident]
+                self._by_ident.pop(ident, None)
+                delay = pool.record_crash(container, code, now)
+                logger.warning(
+                    "%s: container %s crashed (%s); %s",
+                    pool.spec.name,
+                    ident,
+                    pool.last_error,
+                    f"backing off {delay:.0f}s" if pool.consecutive_crashes > 1 else "replacing it",
+                )
+                pool.record_event(pool.live + 1, pool.live, f"crash: {pool.last_error}")
+            for ident, container in list(pool.retiring.items()):
+                if container.process.exitcode() is not None:
+                    del pool.retiring[ident]
+                    self._by_ident.pop(ident, None)
+
+    def _read_reports(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except (BlockingIOError, OSError):
+                return
+            try:
+                report = LoadReport.decode(data)
+            except (ValueError, TypeError):
+                logger.warning("celery-concurrent: ignoring a malformed load report")
+                continue
+            found = self._by_ident.get(report.ident)
+            if found is not None:
+                found[1].report = report
+
+    # -- control -----------------------------------------------------------------
+
+    def update(self, name: str, **bounds: Any) -> FunctionSpec:
+        """Change a function's bounds at runtime; they apply at once."""
+        with self._lock:
+            pool = self.pools[name]
+            pool.spec = pool.spec.with_bounds(**bounds)
+        self.wake()
+        logger.info("%s: bounds updated: %s", name, bounds)
+        return self.pools[name].spec
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per function, with the names used everywhere."""
+        with self._lock:
+            return [self._row(pool) for pool in self.pools.values()]
+
+    def _row(self, pool: FunctionPool) -> dict[str, Any]:
+        spec = pool.spec
+        event = pool.last_event
+        return {
+            "function": spec.name,
+            "queue": spec.queue,
+            "node": self.settings.hostname,
+            "containers": pool.live,
+            "ready": sum(1 for c in pool.containers.values() if c.ready),
+            "retiring": len(pool.retiring),
+            "min_containers": spec.min_containers,
+            "max_containers": spec.max_containers,
+            "max_inputs": spec.max_inputs,
+            "target_inputs": spec.target_inputs,
+            "buffer_containers": spec.buffer_containers,
+            "scaledown_window": spec.scaledown_window,
+            "in_flight": pool.in_flight,
+            "backlog": pool.backlog,
+            "capacity": pool.live * spec.target_inputs,
+            "crashes": pool.crashes,
+            "crash_loop": pool.crash_looping,
+            "error": pool.last_error,
+            "scale_ups": pool.scale_ups,
+            "scale_downs": pool.scale_downs,
+            "last_event": None if event is None else event.describe(),
+            "last_event_at": None if event is None else event.wall,
+            "pids": sorted(c.process.pid or 0 for c in pool.containers.values()),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        uptime = max(time.monotonic() - self.started_at, 1e-9)
+        return {
+            "node_max_containers": self.settings.node_max_containers,
+            "poll_interval": self.settings.poll_interval,
+            "supervisor_cpu_share": round(self.turn_seconds / uptime, 4),
+            "turns": self.turns,
+            "functions": self.status(),
+        }
+
+
+class _NoProcess:
+    pid: int | None = None
+
+    def exitcode(self) -> int | None:
+        return 1
+
+    def terminate(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+
+def locate_app(app: Celery, hints: Iterable[str] = ()) -> str:
+    """An importable ``module:attribute`` reference to ``app``, for its containers."""
+    names = [*hints, *[m for m in list(sys.modules) if m not in hints]]
+    for modname in names:
+        module = sys.modules.get(modname)
+        if module is None or modname == "__main__":
+            continue
+        try:
+            items = list(vars(module).items())
+        except TypeError:
+            continue
+        for attr, value in items:
+            if value is app:
+                return f"{modname}:{attr}"
+    raise LookupError(f"cannot find an importable reference to the app {app.main!r}")
