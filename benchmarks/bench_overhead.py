@@ -19,13 +19,22 @@ How one run is measured, the same way on both sides:
 3. Throughput is ``(K - 1) / (t_K - t_1)``: from the first completion to the last. Worker
    start-up (imports, connecting, the first fetch) is left out; it is reported on its
    own as ``startup_s`` (from spawning the process to the first completion).
+4. The worker's CPU time (user + system, all its threads, from ``/proc``) between the
+   first poll that sees a completion and the last completion, per input. Other load on
+   the machine slows a worker's wall clock but hardly its CPU cost per input, so this
+   second figure is the steadier measure of overhead on a shared machine.
 
 Rounds alternate which side goes first (ours-plain, plain-ours, ...), so a drift of the
-machine weighs on both sides alike. The report gives the median throughput of each side,
-its spread (min/max), the ratio of the medians ours/plain (the headline number) and, as a
-check against drift, the ratio within each round; it writes
-``benchmarks/results/overhead.json``. Both workers run at log level WARNING, so neither
-writes a log line per task, and both run without gossip and mingle, as a container does.
+machine weighs on both sides alike. The report gives, per side, the median and the spread
+(min/max) of throughput and of CPU per input; the ratio of the median throughputs
+ours/plain (the headline number, target >= 0.95), the median of the per-round ratios as
+a check against drift, and the CPU ratio plain/ours (>= 1 means ours costs no more). It
+writes ``benchmarks/results/overhead.json``.
+
+Both workers run at log level WARNING, so neither writes a log line per task, and both
+run without gossip and mingle, as a container does. The plain worker also runs without
+the celery-concurrent node supervisor (``--without-concurrent``, where the plugin offers
+it), so that side is plain Celery.
 
 What bounds both sides (py-spy): the worker's event-loop thread, busy all the time with
 three Redis round trips per message (``BRPOP``, the unacked bookkeeping, the ack). The
@@ -51,6 +60,7 @@ from typing import Any
 import redis
 
 from celery_concurrent import spec_of
+from celery_concurrent.plugin import WORKER_OPTIONS
 from tests.support import ROOT, RedisServer, Workers
 
 APP = "benchmarks.apps"
@@ -58,6 +68,7 @@ MAX_INPUTS = 10
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 TARGET_RATIO = 0.95
 COUNTER = "bench:done"
+POLL_SECONDS = 0.02
 
 COMMON_ARGS = ("-l", "WARNING", "--without-gossip", "--without-mingle")
 
@@ -79,6 +90,7 @@ class Run:
     side: str
     round: int
     inputs_per_s: float
+    cpu_ms_per_input: float
     drain_s: float
     startup_s: float
 
@@ -88,6 +100,7 @@ def sides(app: Any) -> list[Side]:
     spec = spec_of(ours)
     assert spec is not None and spec.max_inputs == MAX_INPUTS, spec
     plain_queue = importlib.import_module(APP).PLAIN_QUEUE
+    plain_only = ("--without-concurrent",) if _plugin_offers("--without-concurrent") else ()
     return [
         Side(
             "ours",
@@ -99,9 +112,13 @@ def sides(app: Any) -> list[Side]:
             "plain",
             f"{APP}.plain_noop",
             plain_queue,
-            ("-P", "threads", "-c", str(MAX_INPUTS), "-Q", plain_queue, *COMMON_ARGS),
+            ("-P", "threads", "-c", str(MAX_INPUTS), "-Q", plain_queue, *COMMON_ARGS, *plain_only),
         ),
     ]
+
+
+def _plugin_offers(flag: str) -> bool:
+    return any(flag in option.opts for option in WORKER_OPTIONS)
 
 
 def template_key(side: Side) -> str:
@@ -118,45 +135,72 @@ def publish_backlog(app: Any, rds: redis.Redis, side: Side, total: int) -> None:
     rds.rename(side.queue, template_key(side))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     workers: Workers, rds: redis.Redis, side: Side, total: int, round_no: int, timeout: float
 ) -> Run:
-    rds.delete(COUNTER, f"{COUNTER}:t1", f"{COUNTER}:t{total}")
+    last_key = f"{COUNTER}:t{total}"
+    rds.delete(COUNTER, f"{COUNTER}:t1", last_key)
     rds.copy(template_key(side), side.queue, replace=True)
     spawned = time.time()
     # Workers.start passes "-l INFO" first; our "-l WARNING" comes later and wins.
     proc = workers.start(APP, *side.worker_args, wait_ready=False)
     try:
         deadline = time.monotonic() + timeout
-        while int(rds.get(COUNTER) or 0) < total or not rds.exists(f"{COUNTER}:t{total}"):
+        cpu_from: tuple[int, float] | None = None  # (inputs done, CPU seconds) at first sight
+        while True:
+            done = int(rds.get(COUNTER) or 0)
+            if done and cpu_from is None:
+                cpu_from = (done, cpu_seconds(proc.pid))
+            if done >= total and rds.exists(last_key):
+                cpu_to = cpu_seconds(proc.pid)
+                break
             if proc.poll() is not None:
                 raise RuntimeError(f"{side.name} worker exited:\n{workers.log_of(proc)[-3000:]}")
             if time.monotonic() > deadline:
-                done = int(rds.get(COUNTER) or 0)
                 raise TimeoutError(
                     f"{side.name}: {done} of {total} inputs within {timeout}s:\n"
                     f"{workers.log_of(proc)[-3000:]}"
                 )
-            time.sleep(0.02)
+            time.sleep(POLL_SECONDS)
     finally:
         workers.stop_all()
     done = int(rds.get(COUNTER) or 0)
     if done != total or rds.llen(side.queue) or rds.hlen("unacked"):
         raise RuntimeError(f"{side.name}: {done} of {total} done, backlog left behind")
+    assert cpu_from is not None
     first = float(rds.get(f"{COUNTER}:t1") or 0)
-    last = float(rds.get(f"{COUNTER}:t{total}") or 0)
+    last = float(rds.get(last_key) or 0)
     drain = last - first
-    return Run(side.name, round_no, (total - 1) / drain, drain, first - spawned)
+    cpu_ms = 1000 * (cpu_to - cpu_from[1]) / max(1, total - cpu_from[0])
+    return Run(side.name, round_no, (total - 1) / drain, cpu_ms, drain, first - spawned)
 
 
-def summarize(runs: list[Run], name: str) -> dict[str, float]:
-    rates = [run.inputs_per_s for run in runs if run.side == name]
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(runs: list[Run], name: str) -> dict[str, Any]:
+    mine = [run for run in runs if run.side == name]
     return {
-        "median": statistics.median(rates),
-        "min": min(rates),
-        "max": max(rates),
-        "startup_s_median": statistics.median(run.startup_s for run in runs if run.side == name),
+        "inputs_per_s": spread([run.inputs_per_s for run in mine]),
+        "cpu_ms_per_input": spread([run.cpu_ms_per_input for run in mine]),
+        "startup_s_median": statistics.median(run.startup_s for run in mine),
     }
+
+
+def per_round(runs: list[Run], field: str) -> list[float]:
+    """ours/plain of ``field`` within each round: the two runs of a round are back to back."""
+    by_round: dict[int, dict[str, float]] = {}
+    for run in runs:
+        by_round.setdefault(run.round, {})[run.side] = getattr(run, field)
+    return [pair["ours"] / pair["plain"] for pair in by_round.values()]
 
 
 def python_path() -> str:
@@ -165,25 +209,39 @@ def python_path() -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def paired_ratios(runs: list[Run]) -> list[float]:
-    """ours/plain within each round: the two runs of a round are back to back."""
-    by_round: dict[int, dict[str, float]] = {}
-    for run in runs:
-        by_round.setdefault(run.round, {})[run.side] = run.inputs_per_s
-    return [pair["ours"] / pair["plain"] for pair in by_round.values()]
+def run_rounds(both: list[Side], rds: redis.Redis, url: str, args: argparse.Namespace) -> list[Run]:
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
+        workers = Workers(url, Path(logdir))
+        try:
+            for round_no in range(args.rounds):
+                order = both if round_no % 2 == 0 else both[::-1]
+                for side in order:
+                    run = measure(workers, rds, side, args.inputs, round_no, args.timeout)
+                    runs.append(run)
+                    print(
+                        f"round {round_no + 1} {side.name:5}: {run.inputs_per_s:6.0f} inputs/s "
+                        f"{run.cpu_ms_per_input:6.3f} CPU ms/input  (drain {run.drain_s:.2f}s, "
+                        f"startup {run.startup_s:.2f}s)",
+                        flush=True,
+                    )
+        finally:
+            workers.stop_all()
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--inputs", type=int, default=5000, help="backlog K per run")
+    parser.add_argument("--inputs", type=int, default=4000, help="backlog K per run")
     parser.add_argument(
-        "--rounds", type=int, default=6, help="runs of each side (even: each side leads as often)"
+        "--rounds", type=int, default=8, help="runs of each side (even: each side leads as often)"
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per run, at most")
     parser.add_argument("--output", type=Path, default=RESULTS)
     extra_args = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(extra_args)
 
+    load_before = os.getloadavg()
     server = RedisServer().start()
     try:
         # The app reads its broker when imported, so point it at the private Redis first.
@@ -193,41 +251,34 @@ def main(argv: list[str] | None = None) -> int:
         both = sides(app)
         for side in both:
             publish_backlog(app, rds, side, args.inputs)
-        runs: list[Run] = []
-        with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
-            workers = Workers(server.url, Path(logdir))
-            try:
-                for round_no in range(args.rounds):
-                    order = both if round_no % 2 == 0 else both[::-1]
-                    for side in order:
-                        run = measure(workers, rds, side, args.inputs, round_no, args.timeout)
-                        runs.append(run)
-                        print(
-                            f"round {round_no + 1} {side.name:5}: {run.inputs_per_s:8.0f} "
-                            f"inputs/s  (drain {run.drain_s:.2f}s, startup {run.startup_s:.2f}s)",
-                            flush=True,
-                        )
-            finally:
-                workers.stop_all()
+        runs = run_rounds(both, rds, server.url, args)
     finally:
         server.stop()
+    load_after = os.getloadavg()
 
     ours, plain = summarize(runs, "ours"), summarize(runs, "plain")
-    ratio = ours["median"] / plain["median"]
-    paired = paired_ratios(runs)
+    ratio = ours["inputs_per_s"]["median"] / plain["inputs_per_s"]["median"]
+    cpu_ratio = plain["cpu_ms_per_input"]["median"] / ours["cpu_ms_per_input"]["median"]
+    round_ratios = spread(per_round(runs, "inputs_per_s"))
     print()
-    print(f"{'side':6} {'median/s':>9} {'min/s':>9} {'max/s':>9}  command")
+    print(
+        f"{'side':6} {'median/s':>9} {'min/s':>7} {'max/s':>7} "
+        f"{'CPU ms/input':>13} {'min':>6} {'max':>6}  command"
+    )
     for side, numbers in zip(both, (ours, plain), strict=True):
+        rate, cpu = numbers["inputs_per_s"], numbers["cpu_ms_per_input"]
         print(
-            f"{side.name:6} {numbers['median']:9.0f} {numbers['min']:9.0f} "
-            f"{numbers['max']:9.0f}  {side.command}"
+            f"{side.name:6} {rate['median']:9.0f} {rate['min']:7.0f} {rate['max']:7.0f} "
+            f"{cpu['median']:13.3f} {cpu['min']:6.3f} {cpu['max']:6.3f}  {side.command}"
         )
     verdict = "meets" if ratio >= TARGET_RATIO else "misses"
-    print(f"ratio ours/plain: {ratio:.3f} ({verdict} the target {TARGET_RATIO})")
+    print(f"throughput ratio ours/plain: {ratio:.3f} ({verdict} the target {TARGET_RATIO})")
     print(
-        f"per-round ratio: median {statistics.median(paired):.3f}, "
-        f"min {min(paired):.3f}, max {max(paired):.3f}"
+        f"per-round throughput ratio: median {round_ratios['median']:.3f}, "
+        f"min {round_ratios['min']:.3f}, max {round_ratios['max']:.3f}"
     )
+    print(f"CPU per input ratio plain/ours: {cpu_ratio:.3f} (>= 1: ours costs no more)")
+    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}")
 
     report = {
         "benchmark": "overhead",
@@ -238,20 +289,19 @@ def main(argv: list[str] | None = None) -> int:
             "max_inputs": MAX_INPUTS,
             "plain_concurrency": MAX_INPUTS,
             "plain_prefetch_multiplier": 4,
-            "measure": "(K - 1) / (t_K - t_1): first to last completion of a pre-loaded backlog",
+            "throughput": "(K - 1) / (t_K - t_1): first to last completion of a pre-loaded backlog",
+            "cpu": "worker process user+system CPU from the first seen completion to the "
+            "last, per input",
         },
         "workers": {side.name: side.command for side in both},
         "results": {
             "ours": ours,
             "plain": plain,
-            "ratio": ratio,
+            "throughput_ratio": ratio,
             "target": TARGET_RATIO,
             "meets_target": ratio >= TARGET_RATIO,
-            "per_round_ratio": {
-                "median": statistics.median(paired),
-                "min": min(paired),
-                "max": max(paired),
-            },
+            "per_round_throughput_ratio": round_ratios,
+            "cpu_ratio_plain_over_ours": cpu_ratio,
         },
         "runs": [asdict(run) for run in runs],
         "environment": {
@@ -260,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             "kombu": importlib.import_module("kombu").__version__,
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
+            "load_average_1m_before": load_before[0],
+            "load_average_1m_after": load_after[0],
         },
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,194 @@
-"""``celery concurrent ...``: status and control of @concurrent functions."""
+"""``celery -A proj concurrent ...``: status and runtime control of @concurrent functions.
+
+Installed through Celery's ``celery.commands`` entry point, so it is a subcommand of the
+user's usual ``celery`` command and talks to the nodes over remote control.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from typing import Any
+
 import click
+from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
+
+from .decorators import specs_of
+from .errors import ConfigurationError, UnknownFunctionError
+from .spec import FunctionSpec
+
+COLUMNS = (
+    ("function", "FUNCTION"),
+    ("queue", "QUEUE"),
+    ("containers_text", "CONTAINERS (run/min/max)"),
+    ("in_flight", "IN FLIGHT"),
+    ("backlog", "BACKLOG"),
+    ("capacity", "CAPACITY"),
+    ("last_event", "LAST SCALE EVENT"),
+)
 
 
-@click.group(name="concurrent")
+def collect_status(app: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
+    """One row per function, aggregated over every node that answers."""
+    replies: dict[str, Any] = {}
+    for reply in app.control.broadcast("concurrent_status", reply=True, timeout=timeout) or []:
+        replies.update(reply)
+    rows: dict[str, dict[str, Any]] = {}
+    for node, reply in sorted(replies.items()):
+        for row in reply.get("functions", []):
+            merged = rows.get(row["function"])
+            if merged is None:
+                rows[row["function"]] = {**row, "nodes": [node]}
+                continue
+            merged["nodes"].append(node)
+            for key in (
+                "containers",
+                "ready",
+                "retiring",
+                "in_flight",
+                "capacity",
+                "crashes",
+                "scale_ups",
+                "scale_downs",
+            ):
+                merged[key] = merged.get(key, 0) + row.get(key, 0)
+            merged["backlog"] = max(merged["backlog"], row["backlog"])
+            merged["crash_loop"] = merged["crash_loop"] or row["crash_loop"]
+            merged["error"] = merged["error"] or row["error"]
+            if (row.get("last_event_at") or 0) > (merged.get("last_event_at") or 0):
+                merged["last_event"], merged["last_event_at"] = (
+                    row["last_event"],
+                    row["last_event_at"],
+                )
+    for spec in specs_of(app).values():
+        rows.setdefault(spec.name, _unserved_row(spec))
+    return [rows[name] for name in sorted(rows)]
+
+
+def _unserved_row(spec: FunctionSpec) -> dict[str, Any]:
+    return {
+        "function": spec.name,
+        "queue": spec.queue,
+        "nodes": [],
+        "containers": 0,
+        "ready": 0,
+        "retiring": 0,
+        "min_containers": spec.min_containers,
+        "max_containers": spec.max_containers,
+        "max_inputs": spec.max_inputs,
+        "target_inputs": spec.target_inputs,
+        "in_flight": 0,
+        "backlog": None,
+        "capacity": 0,
+        "crashes": 0,
+        "crash_loop": False,
+        "error": "no node supervises it",
+        "last_event": None,
+        "last_event_at": None,
+    }
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    cells = [[header for _, header in COLUMNS]]
+    for row in rows:
+        maximum = "-" if row["max_containers"] is None else row["max_containers"]
+        view = {
+            **row,
+            "containers_text": f"{row['containers']}/{row['min_containers']}/{maximum}",
+            "backlog": "?" if row["backlog"] is None else row["backlog"],
+            "last_event": row.get("error") or row.get("last_event") or "-",
+        }
+        cells.append([str(view[key]) for key, _ in COLUMNS])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in cells
+    )
+
+
+@click.group(name="concurrent", cls=click.Group)
 @click.pass_context
+@handle_preload_options
 def concurrent(ctx: click.Context) -> None:
-    """Inspect and control celery-concurrent function pools."""
+    """Status and control of celery-concurrent function pools."""
+
+
+@concurrent.command(cls=CeleryCommand)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, stable for scripts.")
+@click.option(
+    "--timeout", type=float, default=1.0, cls=CeleryOption, help="Seconds to wait for nodes."
+)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
+    """One row per @concurrent function, over every node that answers."""
+    app = ctx.obj.app
+    rows = collect_status(app, timeout)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(render_table(rows))
+
+
+@concurrent.command(cls=CeleryCommand)
+@click.argument("function")
+@click.option("--min-containers", "--keep-warm", "min_containers", type=int, default=None)
+@click.option("--max-containers", "--concurrency-limit", "max_containers", type=int, default=None)
+@click.option("--buffer-containers", type=int, default=None)
+@click.option("--target-inputs", type=int, default=None)
+@click.option(
+    "--scaledown-window", "--container-idle-timeout", "scaledown_window", type=float, default=None
+)
+@click.option("--timeout", type=float, default=2.0, help="Seconds to wait for nodes.")
+@click.pass_context
+def update(ctx: click.Context, function: str, timeout: float, **given: Any) -> None:
+    """Change a running function's bounds on every node; they apply at once."""
+    app = ctx.obj.app
+    bounds = {key: value for key, value in given.items() if value is not None}
+    specs = specs_of(app)
+    if function not in specs:
+        raise click.UsageError(str(UnknownFunctionError(function, list(specs))))
+    if not bounds:
+        raise click.UsageError("give at least one bound to change, e.g. --max-containers 3")
+    try:
+        specs[function].with_bounds(**bounds)  # validate here: nothing is sent if invalid
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from exc
+    replies = app.control.broadcast(
+        "concurrent_update",
+        arguments={"function": function, "bounds": bounds},
+        reply=True,
+        timeout=timeout,
+    )
+    if not replies:
+        raise click.ClickException("no node answered")
+    failed = False
+    answered = False
+    for reply in replies:
+        for node, answer in reply.items():
+            if answer.get("skip"):
+                continue  # a container, not a supervisor
+            answered = True
+            if "error" in answer:
+                failed = True
+                click.echo(f"{node}: error: {answer['error']}", err=True)
+            else:
+                click.echo(f"{node}: updated {function}: {json.dumps(bounds, sort_keys=True)}")
+    if not answered:
+        raise click.ClickException("no node supervises @concurrent functions")
+    if failed:
+        ctx.exit(1)
+
+
+@concurrent.command(cls=CeleryCommand)
+@click.option("--interval", type=float, default=1.0, help="Seconds between refreshes.")
+@click.option("--timeout", type=float, default=0.5, help="Seconds to wait for nodes.")
+@click.pass_context
+def watch(ctx: click.Context, interval: float, timeout: float) -> None:
+    """A live status table, refreshed every second (Ctrl-C to stop)."""
+    app = ctx.obj.app
+    try:
+        while True:
+            table = render_table(collect_status(app, timeout))
+            click.echo("\x1b[2J\x1b[H" + time.strftime("%H:%M:%S") + "\n" + table)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass

@@ -52,7 +52,7 @@ def concurrent_update(
     """Change the bounds of a running function; they apply at once."""
     supervisor = _supervisor(state)
     if supervisor is None:
-        return {"error": "this node runs no celery-concurrent supervisor"}
+        return {"skip": "this node runs no celery-concurrent supervisor"}
     bounds = dict(bounds or {})
     unknown = sorted(set(bounds) - UPDATABLE)
     if not bounds:
@@ -60,7 +60,7 @@ def concurrent_update(
     if unknown:
         return {"error": f"{unknown[0]}={bounds[unknown[0]]!r}: cannot be changed at runtime"}
     if function not in supervisor.pools:
-        return {"error": f"{function!r} is not supervised on this node"}
+        return {"skip": f"{function!r} is not supervised on this node"}
     try:
         spec = supervisor.update(function, **bounds)
     except ConcurrentError as exc:

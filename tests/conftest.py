@@ -53,3 +53,13 @@ def basic_app(broker_url: str):
     basic.app.conf.broker_url = broker_url
     basic.app.conf.result_backend = broker_url
     return basic
+
+
+@pytest.fixture
+def scaling_app(broker_url: str):
+    """The supervisor test app, pointed at the private Redis."""
+    from .apps import scaling
+
+    scaling.app.conf.broker_url = broker_url
+    scaling.app.conf.result_backend = broker_url
+    return scaling

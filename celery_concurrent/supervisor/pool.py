@@ -106,7 +106,7 @@ class FunctionPool:
     def record_crash(self, container: Container, exitcode: int | None, now: float) -> float:
         """Count a crash; return the back-off (seconds) before the next start."""
         self.crashes += 1
-        if now - container.started_at < CRASH_WINDOW_SECONDS or container.report is None:
+        if now - container.started_at < CRASH_WINDOW_SECONDS:
             self.consecutive_crashes += 1
         else:
             self.consecutive_crashes = 1
@@ -115,8 +115,11 @@ class FunctionPool:
         self.last_error = describe_exit(exitcode)
         return delay
 
-    def record_healthy(self) -> None:
-        if self.consecutive_crashes and all(c.ready for c in self.containers.values()):
+    def record_healthy(self, now: float) -> None:
+        """Forget a crash streak once a container has stayed up past the crash window."""
+        if self.consecutive_crashes and any(
+            c.ready and now - c.started_at >= CRASH_WINDOW_SECONDS for c in self.containers.values()
+        ):
             self.consecutive_crashes = 0
             self.last_error = None
 

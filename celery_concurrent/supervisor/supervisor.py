@@ -174,7 +174,7 @@ class Supervisor:
                 )
             )
             self._apply(pool, decision, now)
-            pool.record_healthy()
+            pool.record_healthy(now)
         self._force_overdue_drains(now)
 
     def _node_capacity(self, pool: FunctionPool) -> int:
