@@ -9,7 +9,7 @@ import time
 
 import pytest
 from celery import group
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 
 from .support import thread_count
 
@@ -145,7 +145,7 @@ class TestAsyncInputsKeepCeleryBehaviour:
     def test_revoked_input_does_not_run(self, behaviour, basic_app):
         sent = behaviour.apply_async(("echo",), countdown=1)
         basic_app.app.control.revoke(sent.id)
-        with pytest.raises(Exception):
+        with pytest.raises(TaskRevokedError):
             sent.get(timeout=10)
         assert sent.state == "REVOKED"
 

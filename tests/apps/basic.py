@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
-import redis
 from celery import Celery
 from celery.signals import task_failure, task_postrun, task_prerun, task_success
 
 from celery_concurrent import concurrent
+
+from .measure import Recorder
 
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 
@@ -26,42 +26,14 @@ app.conf.update(
     task_track_started=False,
 )
 
-# INCR the running count and raise the recorded peak atomically.
-_ENTER = """
-local n = redis.call('INCR', KEYS[1])
-local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
-if n > peak then redis.call('SET', KEYS[2], n) end
-return n
-"""
-_clients: dict[str, redis.Redis] = {}
-
-
-def store() -> redis.Redis:
-    """A client of the broker's Redis, where the tasks record what they did."""
-    url = app.conf.broker_url
-    if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url)
-    return _clients[url]
-
-
-def enter(key: str) -> None:
-    store().eval(_ENTER, 2, f"running:{key}", f"peak:{key}")
-
-
-def leave(key: str) -> None:
-    store().decr(f"running:{key}")
-    store().incr(f"done:{key}")
+recorder = Recorder(app)
+store, enter, leave = recorder.store, recorder.enter, recorder.leave
 
 
 @app.task
 @concurrent(allow_concurrent_inputs=50)
 def sleepy(key: str, seconds: float = 1.0) -> str:
-    enter(key)
-    try:
-        time.sleep(seconds)
-    finally:
-        leave(key)
-    return key
+    return recorder.sleep(key, seconds)
 
 
 @app.task
@@ -125,12 +97,7 @@ async def async_soft_limited(seconds: float) -> str:
 @app.task
 @concurrent(allow_concurrent_inputs=10, pool="gevent")
 def green_sleepy(key: str, seconds: float = 0.5) -> str:
-    enter(key)
-    try:
-        time.sleep(seconds)
-    finally:
-        leave(key)
-    return key
+    return recorder.sleep(key, seconds)
 
 
 @app.task

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import time
 
-import redis
 from celery import Celery
 from celery.signals import worker_init
 
 from celery_concurrent import concurrent
+
+from .measure import Recorder
 
 app = Celery("scaling", broker=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15"))
 app.conf.update(
@@ -18,31 +18,9 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 
-_clients: dict[str, redis.Redis] = {}
-
-_ENTER = """
-local n = redis.call('INCR', KEYS[1])
-local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
-if n > peak then redis.call('SET', KEYS[2], n) end
-return n
-"""
-
-
-def store() -> redis.Redis:
-    url = app.conf.broker_url
-    if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url)
-    return _clients[url]
-
-
-def _measured(key: str, seconds: float) -> str:
-    store().eval(_ENTER, 2, f"running:{key}", f"peak:{key}")
-    try:
-        time.sleep(seconds)
-    finally:
-        store().decr(f"running:{key}")
-        store().incr(f"done:{key}")
-    return key
+recorder = Recorder(app)
+store = recorder.store
+_measured = recorder.sleep
 
 
 @app.task
