@@ -7,6 +7,7 @@ user's usual ``celery`` command and talks to the nodes over remote control.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
 
 from .decorators import specs_of
 from .errors import ConfigurationError, UnknownFunctionError
+from .gpu import parse_gpu, unplaceable_reason
 from .spec import FunctionSpec
 
 COLUMNS = (
@@ -55,11 +57,17 @@ def collect_status(app: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
             merged["backlog"] = max(merged["backlog"], row["backlog"])
             merged["crash_loop"] = merged["crash_loop"] or row["crash_loop"]
             merged["error"] = merged["error"] or row["error"]
+            merged["placeable"] = merged.get("placeable", True) or row.get("placeable", True)
+            merged["gpu_devices"] = {**merged.get("gpu_devices", {}), **row.get("gpu_devices", {})}
             if (row.get("last_event_at") or 0) > (merged.get("last_event_at") or 0):
                 merged["last_event"], merged["last_event_at"] = (
                     row["last_event"],
                     row["last_event_at"],
                 )
+    for merged in rows.values():
+        if merged.get("gpu") and merged.get("placeable") is False:
+            # Every node that answered serves it, and none has the devices it asks for.
+            merged["error"] = unplaceable_reason(parse_gpu(merged["gpu"]) or ())
     for spec in specs_of(app).values():
         rows.setdefault(spec.name, _unserved_row(spec))
     return [rows[name] for name in sorted(rows)]
@@ -69,6 +77,8 @@ def _unserved_row(spec: FunctionSpec) -> dict[str, Any]:
     return {
         "function": spec.name,
         "queue": spec.queue,
+        "gpu": spec.as_dict()["gpu"],
+        "gpu_devices": {},
         "nodes": [],
         "containers": 0,
         "ready": 0,
@@ -88,18 +98,52 @@ def _unserved_row(spec: FunctionSpec) -> dict[str, Any]:
     }
 
 
-def render_table(rows: list[dict[str, Any]]) -> str:
-    cells = [[header for _, header in COLUMNS]]
+def _watch_columns() -> tuple[tuple[str, str], ...]:
+    """The status columns, with utilisation after the capacity and the errors last."""
+    columns = list(COLUMNS)
+    keys = [key for key, _ in columns]
+    at = keys.index("capacity") + 1 if "capacity" in keys else len(columns)
+    columns.insert(at, ("utilisation", "UTILISATION"))
+    columns.append(("errors", "ERRORS"))
+    return tuple(columns)
+
+
+#: the columns of ``status --watch``
+WATCH_COLUMNS = _watch_columns()
+
+
+def utilisation(row: dict[str, Any]) -> str:
+    """In flight / capacity, as a percentage ("-" with no capacity)."""
+    capacity = row.get("capacity") or 0
+    return f"{100 * (row.get('in_flight') or 0) / capacity:.0f}%" if capacity else "-"
+
+
+def errors_of(row: dict[str, Any]) -> str:
+    """What is wrong with a function: a crash loop, an unplaceable GPU request, ..."""
+    notes = []
+    if row.get("crash_loop"):
+        notes.append(f"crash loop ({row.get('crashes', 0)} crashes)")
+    if row.get("error"):
+        notes.append(str(row["error"]))
+    return "; ".join(notes) or "-"
+
+
+def render_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...] = COLUMNS) -> str:
+    errors_apart = any(key == "errors" for key, _ in columns)
+    cells = [[header for _, header in columns]]
     for row in rows:
         maximum = "-" if row["max_containers"] is None else row["max_containers"]
+        error = None if errors_apart else row.get("error")
         view = {
             **row,
             "containers_text": f"{row['containers']}/{row['min_containers']}/{maximum}",
             "backlog": "?" if row["backlog"] is None else row["backlog"],
-            "last_event": row.get("error") or row.get("last_event") or "-",
+            "last_event": error or row.get("last_event") or "-",
+            "utilisation": utilisation(row),
+            "errors": errors_of(row),
         }
-        cells.append([str(view[key]) for key, _ in COLUMNS])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+        cells.append([str(view[key]) for key, _ in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in cells
     )
@@ -115,17 +159,67 @@ def concurrent(ctx: click.Context) -> None:
 @concurrent.command(cls=CeleryCommand)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, stable for scripts.")
 @click.option(
-    "--timeout", type=float, default=1.0, cls=CeleryOption, help="Seconds to wait for nodes."
+    "--timeout",
+    type=float,
+    default=None,
+    cls=CeleryOption,
+    help="Seconds to wait for nodes (default 1, or 0.5 with --watch).",
+)
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="A live table, refreshed every --interval seconds, with utilisation and errors "
+    "(Ctrl-C to stop). With --json: one JSON list per line.",
+)
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=1.0, help="Seconds between refreshes."
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --watch: stop after this many refreshes.",
 )
 @click.pass_context
-def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
+def status(
+    ctx: click.Context,
+    as_json: bool,
+    timeout: float | None,
+    watch: bool,
+    interval: float,
+    count: int | None,
+) -> None:
     """One row per @concurrent function, over every node that answers."""
     app = ctx.obj.app
-    rows = collect_status(app, timeout)
+    if watch:
+        _watch(app, 0.5 if timeout is None else timeout, interval, count, as_json)
+        return
+    rows = collect_status(app, 1.0 if timeout is None else timeout)
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True, default=str))
     else:
         click.echo(render_table(rows))
+
+
+def _watch(app: Any, timeout: float, interval: float, count: int | None, as_json: bool) -> None:
+    # On a terminal each frame replaces the last; piped, frames follow one another.
+    clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
+    shown = 0
+    try:
+        while True:
+            began = time.monotonic()
+            rows = collect_status(app, timeout)
+            if as_json:
+                click.echo(json.dumps(rows, sort_keys=True, default=str))
+            else:
+                table = render_table(rows, WATCH_COLUMNS)
+                click.echo(f"{clear}{time.strftime('%H:%M:%S')}\n{table}\n")
+            shown += 1
+            if count is not None and shown >= count:
+                return
+            time.sleep(max(0.0, interval - (time.monotonic() - began)))
+    except KeyboardInterrupt:
+        pass
 
 
 @concurrent.command(cls=CeleryCommand)
@@ -176,19 +270,3 @@ def update(ctx: click.Context, function: str, timeout: float, **given: Any) -> N
         raise click.ClickException("no node supervises @concurrent functions")
     if failed:
         ctx.exit(1)
-
-
-@concurrent.command(cls=CeleryCommand)
-@click.option("--interval", type=float, default=1.0, help="Seconds between refreshes.")
-@click.option("--timeout", type=float, default=0.5, help="Seconds to wait for nodes.")
-@click.pass_context
-def watch(ctx: click.Context, interval: float, timeout: float) -> None:
-    """A live status table, refreshed every second (Ctrl-C to stop)."""
-    app = ctx.obj.app
-    try:
-        while True:
-            table = render_table(collect_status(app, timeout))
-            click.echo("\x1b[2J\x1b[H" + time.strftime("%H:%M:%S") + "\n" + table)
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        pass

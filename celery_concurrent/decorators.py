@@ -49,11 +49,13 @@ def concurrent(fn: Any = None, /, **options: Any) -> Any:
     container_idle_timeout, scaledown_window:
         Seconds a container may sit idle before it is retired (default 60).
     gpu:
-        ``"any"``, ``"A100"``, ``"H100:2"`` or a list of fallbacks.
+        ``"any"``, ``"A100"``, ``"H100:2"`` (two devices per container) or a list of
+        fallbacks in order of preference. Only nodes with such free devices run it.
     pool:
         ``"threads"`` (default) or ``"gevent"`` for sync functions.
     queue:
-        The queue the inputs travel on (default ``concurrent.<task name>``).
+        The queue the inputs travel on (default ``concurrent.<task name>``, and
+        ``concurrent.gpu.<task name>`` for a GPU function).
 
     Raises
     ------

@@ -16,16 +16,32 @@ from celery._state import connect_on_app_finalize
 from celery.utils.log import get_logger
 
 from . import control  # noqa: F401 - registers the remote control commands
+from .container.prefetch_gate import PrefetchGate
 from .container.reporter import LoadReporter
 from .container.worker import configure_container
 from .decorators import adopt_async_run, spec_of, specs_of
-from .errors import ConcurrentError, UnknownFunctionError
+from .errors import ConcurrentError, ConfigurationError, UnknownFunctionError
+from .gpu import GPUS_ENV, GPUS_OPTION, gpu_override
+from .metrics import MetricsStep
 from .routing import ensure_router
 from .supervisor.bootstep import SupervisorStep
 
 logger = get_logger(__name__)
 
 _installed: weakref.WeakSet[Celery] = weakref.WeakSet()
+
+
+def _check_gpus(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # Refused while the command line is read, before the worker starts anything; the
+    # supervisor step checks again for workers started without the command line.
+    try:
+        gpu_override(value)
+    except ConfigurationError as exc:
+        if exc.parameter == GPUS_OPTION:
+            raise click.BadParameter(str(exc), ctx, param) from exc
+        raise click.UsageError(str(exc), ctx) from exc
+    return value
+
 
 WORKER_OPTIONS = (
     click.Option(
@@ -54,10 +70,29 @@ WORKER_OPTIONS = (
         "256 MiB of memory).",
     ),
     click.Option(
+        [GPUS_OPTION],
+        default=None,
+        callback=_check_gpus,
+        help='This node\'s GPUs as "INDEX:MODEL,..." (e.g. "0:A100,1:A100"); "" means '
+        f"none. Overrides {GPUS_ENV} and detection with nvidia-smi.",
+    ),
+    click.Option(
         ["--concurrent-poll-interval"],
         type=click.FloatRange(min=0.005, max=5.0),
         default=None,
         help="Seconds between the supervisor's backlog reads (default 0.05).",
+    ),
+    click.Option(
+        ["--concurrent-metrics-port"],
+        type=click.IntRange(min=0, max=65535),
+        default=None,
+        help="Serve Prometheus metrics of the function pools on this port "
+        "(default: none; 0 picks a free port).",
+    ),
+    click.Option(
+        ["--concurrent-metrics-address"],
+        default=None,
+        help="The address the metrics endpoint binds (default 127.0.0.1).",
     ),
 )
 
@@ -77,6 +112,8 @@ def install(app: Celery) -> Celery:
         app.user_options["worker"].add(option)
     app.steps["worker"].add(SupervisorStep)
     app.steps["worker"].add(LoadReporter)
+    app.steps["consumer"].add(PrefetchGate)
+    app.steps["worker"].add(MetricsStep)
     return app
 
 

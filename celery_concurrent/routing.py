@@ -1,7 +1,8 @@
 """Routing: every ``@concurrent`` function's inputs travel on a queue of their own.
 
-The router is appended after the user's own ``task_routes``, so a route the user set
-still wins, and plain tasks are never touched.
+That queue is the spec's: ``concurrent.<task name>``, ``concurrent.gpu.<task name>`` for a
+GPU function, or what ``queue=`` names. The router is appended after the user's own
+``task_routes``, so a route the user set still wins, and plain tasks are never touched.
 """
 
 from __future__ import annotations

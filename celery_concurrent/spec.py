@@ -95,7 +95,7 @@ class FunctionSpec:
     ) -> FunctionSpec:
         """Build a spec from ``@concurrent`` keywords (either spelling)."""
         settings = normalize_options(options, is_async=is_async)
-        queue = settings.pop("queue", None) or default_queue(name)
+        queue = settings.pop("queue", None) or default_queue(name, gpu=settings["gpu"])
         return cls(name=name, queue=queue, is_async=is_async, **settings)
 
     def with_bounds(self, **bounds: Any) -> FunctionSpec:
@@ -139,9 +139,14 @@ class FunctionSpec:
         return data
 
 
-def default_queue(task_name: str) -> str:
-    """The queue a function's inputs travel on unless ``queue=`` names another."""
-    return f"concurrent.{task_name}"
+def default_queue(task_name: str, gpu: tuple[GpuRequest, ...] | None = None) -> str:
+    """The queue a function's inputs travel on unless ``queue=`` names another.
+
+    GPU functions get a queue of their own kind (``concurrent.gpu.<task name>``), so that
+    whatever works by queue name (broker dashboards, ``-Q``, a queue-length scaler) can
+    tell GPU work apart and send it to GPU machines only.
+    """
+    return f"concurrent.gpu.{task_name}" if gpu else f"concurrent.{task_name}"
 
 
 def _canonical_names(options: Mapping[str, Any]) -> dict[str, Any]:

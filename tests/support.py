@@ -10,14 +10,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from celery_concurrent.testing import RedisServer, free_port, redis_server_binary, stop_process
 
 __all__ = ["RedisServer", "Workers", "free_port", "redis_server_binary", "stop_process"]
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 class Workers:
@@ -91,6 +93,19 @@ class Workers:
         for proc in reversed(self.procs):
             stop_process(proc)
         self.procs.clear()
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 def thread_count(pid: int) -> int:

@@ -402,6 +402,41 @@ def test_decision_reason_names_backlog_in_flight_and_capacity() -> None:
     assert decision.reason == "backlog 100, in flight 7, capacity 40"
 
 
+@pytest.mark.parametrize(
+    ("fn", "backlog", "containers", "node_capacity", "why"),
+    [
+        (spec(max_inputs=4, keep_warm=2), 0, [], None, "capacity 0; min_containers 2"),
+        (spec(max_inputs=10, max_containers=3), 100, [idle("a")], None, "; max_containers 3"),
+        (spec(max_inputs=10), 100, [], 2, "capacity 0; node capacity 2"),
+        (spec(max_inputs=10, buffer_containers=1), 5, [], None, "; buffer_containers 1"),
+        (
+            spec(max_inputs=4, scaledown_window=30),
+            0,
+            [idle("a", 31), idle("b", 31)],
+            None,
+            "capacity 8; idle for scaledown_window 30s",
+        ),
+        (
+            spec(max_inputs=4, max_containers=1),
+            0,
+            [busy("a", 2), busy("b", 1)],
+            None,
+            "in flight 3, capacity 8; above max_containers 1",
+        ),
+    ],
+)
+def test_decision_reason_names_what_bound_a_change(
+    fn: FunctionSpec,
+    backlog: int,
+    containers: list[ContainerState],
+    node_capacity: int | None,
+    why: str,
+) -> None:
+    decision = decide_for(fn, backlog, containers, node_capacity)
+    assert decision.changes
+    assert decision.reason.endswith(why), decision.reason
+
+
 def test_same_observation_gives_the_same_decision() -> None:
     obs = Observation(spec(max_inputs=4, keep_warm=1), 9, (busy("a", 4), idle("b", 90)))
     assert decide(obs) == decide(obs)

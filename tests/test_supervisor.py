@@ -15,6 +15,8 @@ from celery import group
 
 from celery_concurrent.cli import collect_status
 
+from .support import wait_for
+
 APP = "tests.apps.scaling"
 BURST = f"{APP}.burst"
 WARM = f"{APP}.warm"
@@ -34,16 +36,6 @@ def row(app, name):
             if found["function"] == name and found["nodes"]:
                 return found
     raise AssertionError(f"no node reported {name}")
-
-
-def wait_for(predicate, timeout, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 def descendants(pid):

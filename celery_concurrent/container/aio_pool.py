@@ -77,10 +77,10 @@ class AsyncioPool(BasePool):
         self._accepted_lock = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
-        self.wakeup = SlotWakeup()
+        self.slots = SlotWakeup()
 
     def register_with_event_loop(self, loop: Any) -> None:
-        self.wakeup.register(loop)
+        self.slots.register(loop)
 
     def on_start(self) -> None:
         self._thread = threading.Thread(
@@ -110,7 +110,13 @@ class AsyncioPool(BasePool):
         self.loop.call_soon_threadsafe(
             self._start_input,
             done,
-            (target, args, kwargs, self.wakeup.wrap(callback), accept_callback),
+            (
+                target,
+                args,
+                kwargs,
+                self.slots.wrap(callback),
+                self.slots.wrap_accept(accept_callback),
+            ),
             timeout,
             soft_timeout,
         )
@@ -167,7 +173,7 @@ class AsyncioPool(BasePool):
         """Warm shutdown: let every input in flight finish, then stop the loop."""
         self._idle.wait()
         self._stop_loop()
-        self.wakeup.close()
+        self.slots.close()
 
     def on_terminate(self) -> None:
         """Cold shutdown: cancel the inputs in flight."""

@@ -38,7 +38,8 @@ class LoadReporter(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         self.address = os.environ.get(REPORT_ENV)
-        self.enabled = bool(worker.options.get("concurrent_function") and self.address)
+        self.function = worker.options.get("concurrent_function")
+        self.enabled = bool(self.function and self.address)
         self.supervisor_pid = int(os.environ.get(SUPERVISOR_PID_ENV, "0") or 0)
         self.ident = os.environ.get(IDENT_ENV) or str(os.getpid())
         self._changed = threading.Event()
@@ -61,6 +62,18 @@ class LoadReporter(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         self._stop.set()
         self._changed.set()
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        """The container's section of ``inspect stats`` (Flower's worker page shows it)."""
+        return {
+            "concurrent_container": {
+                "function": self.function,
+                "ident": self.ident,
+                "supervisor_pid": self.supervisor_pid,
+                "in_flight": len(state.reserved_requests),
+                "processed": self._processed,
+            }
+        }
 
     def _on_prerun(self, **_: Any) -> None:
         if not self._first_input_at:

@@ -10,15 +10,15 @@ from .wakeup import SlotWakeup
 
 
 class ThreadPool(TaskPool):
-    """Celery's threads pool that wakes the event loop as each input finishes."""
+    """Celery's threads pool that counts its running inputs and wakes the event loop."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.wakeup = SlotWakeup()
+        self.slots = SlotWakeup()
 
     def register_with_event_loop(self, loop: Any) -> None:
         super().register_with_event_loop(loop)
-        self.wakeup.register(loop)
+        self.slots.register(loop)
 
     def on_apply(
         self,
@@ -30,9 +30,14 @@ class ThreadPool(TaskPool):
         **options: Any,
     ) -> Any:
         return super().on_apply(
-            target, args, kwargs, self.wakeup.wrap(callback), accept_callback, **options
+            target,
+            args,
+            kwargs,
+            self.slots.wrap(callback),
+            self.slots.wrap_accept(accept_callback),
+            **options,
         )
 
     def on_stop(self) -> None:
         super().on_stop()
-        self.wakeup.close()
+        self.slots.close()

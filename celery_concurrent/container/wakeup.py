@@ -1,25 +1,38 @@
-"""Wake the worker's event loop when a container slot frees.
+"""Slot accounting for a container's pool, and waking the worker's event loop.
 
-A container reserves a message only while it has a free slot (``worker_disable_prefetch``),
-so the broker's queue length is the true backlog. Celery's event loop asks the broker
-for more only when it wakes up, which without traffic is once a second; a pool that
-finishes an input on another thread writes to this pipe so that the loop asks at once.
+A container reserves a message only while it has a free slot, so the broker's queue
+length is the true backlog. Celery's event loop asks the broker for more only when it
+wakes up, which without traffic is once a second; a pool that starts or finishes an
+input on another thread writes to this self-pipe so that the loop acts at once, and the
+listeners (the RabbitMQ prefetch gate) run on the loop's own thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
+#: how long a pool thread waits for the event loop to accept its input before it
+#: accepts it itself (the loop is stopping)
+ACCEPT_ON_LOOP_TIMEOUT = 5.0
+
 
 class SlotWakeup:
-    """A self-pipe registered with the worker's hub."""
+    """Counts the inputs running in a pool and wakes the worker's hub when it changes."""
 
     def __init__(self) -> None:
         self._read_fd: int | None = None
         self._write_fd: int | None = None
+        self._lock = threading.Lock()
+        self.running = 0
+        self._listeners: list[Callable[[int], None]] = []
+        #: accept (and so ack) inputs on the loop's thread, after the listeners ran
+        self.accept_on_loop = False
+        self._accepts: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
 
     def register(self, hub: Any) -> None:
         self._read_fd, self._write_fd = os.pipe()
@@ -27,21 +40,40 @@ class SlotWakeup:
         os.set_blocking(self._write_fd, False)
         hub.add_reader(self._read_fd, self._drain)
 
+    def on_wake(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(running)`` on the hub's thread after each change."""
+        self._listeners.append(listener)
+
     def _drain(self, *_: Any) -> None:
         assert self._read_fd is not None
-        try:
+        with contextlib.suppress(BlockingIOError):
             while os.read(self._read_fd, 4096):
                 pass
-        except BlockingIOError:
-            pass
+        while True:
+            try:
+                callback, args, kwargs, done = self._accepts.get_nowait()
+            except queue.Empty:
+                break
+            with self._lock:
+                self.running += 1
+            # The listeners shrink the prefetch window before the ack frees its place.
+            self._tell_listeners()
+            try:
+                if callback is not None:
+                    callback(*args, **kwargs)
+            finally:
+                done.set()
+        self._tell_listeners()
+
+    def _tell_listeners(self) -> None:
+        for listener in self._listeners:
+            listener(self.running)
 
     def notify(self) -> None:
         if self._write_fd is None:
             return
-        try:
+        with contextlib.suppress(BlockingIOError, OSError):  # already pending, or closing
             os.write(self._write_fd, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already pending, or closing down
 
     def close(self) -> None:
         for fd in (self._read_fd, self._write_fd):
@@ -50,8 +82,30 @@ class SlotWakeup:
                     os.close(fd)
         self._read_fd = self._write_fd = None
 
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self.running += delta
+        self.notify()
+
+    def wrap_accept(self, callback: Callable[..., Any] | None) -> Callable[..., Any]:
+        """An accept callback that also counts the input as running."""
+
+        def count_then_accept(*args: Any, **kwargs: Any) -> Any:
+            if self.accept_on_loop and self._write_fd is not None:
+                done = threading.Event()
+                self._accepts.put((callback, args, kwargs, done))
+                self.notify()
+                if done.wait(ACCEPT_ON_LOOP_TIMEOUT):
+                    return None
+            self._count(+1)
+            if callback is not None:
+                return callback(*args, **kwargs)
+            return None
+
+        return count_then_accept
+
     def wrap(self, callback: Callable[..., Any] | None) -> Callable[..., Any] | None:
-        """A callback that runs ``callback`` (which frees the slot) and then wakes the loop."""
+        """A completion callback that frees the slot and then wakes the loop."""
         if callback is None:
             return None
 
@@ -59,6 +113,6 @@ class SlotWakeup:
             try:
                 return callback(*args, **kwargs)
             finally:
-                self.notify()
+                self._count(-1)
 
         return then_wake

@@ -13,6 +13,7 @@ from celery.utils.log import get_logger
 
 from ..decorators import specs_of
 from ..errors import UnknownFunctionError
+from ..gpu import detect_gpus, gpu_override
 from .supervisor import Supervisor, SupervisorSettings, default_node_max_containers, locate_app
 
 logger = get_logger(__name__)
@@ -40,12 +41,14 @@ class SupervisorStep(bootsteps.StartStopStep):
         concurrent_max_containers: int | None = None,
         concurrent_poll_interval: float | None = None,
         concurrent_function: str | None = None,
+        gpus: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.enabled = not without_concurrent and not concurrent_function
         self.only = [n.strip() for n in (concurrent_functions or "").split(",") if n.strip()]
         self.max_containers = concurrent_max_containers
         self.poll_interval = concurrent_poll_interval
+        self.gpus = gpus
         self.supervisor: Supervisor | None = None
         worker.concurrent_supervisor = None
         super().__init__(worker, **kwargs)
@@ -56,9 +59,13 @@ class SupervisorStep(bootsteps.StartStopStep):
         if unknown:
             raise UnknownFunctionError(unknown[0], list(specs))
         served = [spec for name, spec in specs.items() if not self.only or name in self.only]
+        # A malformed override stops the node even when it serves no GPU function.
+        gpus = gpu_override(self.gpus)
         if not served:
             logger.info("celery-concurrent: no @concurrent functions to supervise")
             return self
+        if gpus is None:
+            gpus = detect_gpus() if any(s.gpu for s in served) else ()
         hints = sorted({type(worker.app.tasks[s.name]).__module__ for s in served})
         app_ref = locate_app(worker.app, hints)
         conf = worker.app.conf
@@ -71,15 +78,18 @@ class SupervisorStep(bootsteps.StartStopStep):
             task_events=bool(worker.task_events),
             conf={key: conf[key] for key in SHARED_SETTINGS if conf.get(key) is not None},
             preload=[app_ref.partition(":")[0], *hints],
+            nodename=worker.hostname,
+            gpus=gpus,
         )
         if self.poll_interval:
             settings.poll_interval = self.poll_interval
         self.supervisor = Supervisor(worker.app, served, settings)
         worker.concurrent_supervisor = self.supervisor
         logger.info(
-            "celery-concurrent: supervising %s (node bound: %s containers)",
+            "celery-concurrent: supervising %s (node bound: %s containers; GPUs: %s)",
             ", ".join(s.name for s in served),
             settings.node_max_containers,
+            ", ".join(map(str, gpus)) or "none",
         )
         return self
 

@@ -1,7 +1,8 @@
 """Start container processes: forked from a preloaded fork server, or exec'd.
 
-The fork server imports the app once; each container then costs a fork and a broker
-connection, not an interpreter start and an app import. gevent containers are exec'd
+The fork server imports the app once, and the worker machinery every container imports
+while it starts (:data:`CONTAINER_MODULES`); each container then costs a fork and a
+broker connection, not an interpreter start and an app import. gevent containers are exec'd
 (``celery worker -P gevent``), because gevent must patch the standard library before
 anything else is imported.
 """
@@ -113,12 +114,42 @@ class _Execed:
             self.popen.kill()
 
 
+#: Modules a container imports on its way to its first input, imported once by the fork
+#: server, after the app. Left to each container they cost about 30 ms of every cold
+#: start (``benchmarks/bench_reaction.py``). The fork server skips any that fail to import.
+CONTAINER_MODULES = (
+    "celery.apps.worker",
+    "celery.worker.components",
+    "celery.worker.consumer",
+    "celery.worker.autoscale",
+    "celery.worker.pidbox",
+    "celery.worker.strategy",
+    "celery.worker.loops",
+    "celery.worker.heartbeat",
+    "celery.app.amqp",
+    "celery.app.control",
+    "celery.app.events",
+    "celery.app.log",
+    "celery.app.routes",
+    "celery.events.receiver",
+    "celery.concurrency.thread",
+    "billiard.pool",
+    "kombu.transport.virtual",
+    "kombu.transport.redis",
+    "kombu.transport.pyamqp",
+    "celery_concurrent.container.thread_pool",
+    "celery_concurrent.container.aio_pool",
+)
+
+
 class Launcher:
     """Starts containers; one per node, shared by every function."""
 
     def __init__(self, preload: list[str]) -> None:
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["celery_concurrent.supervisor.launcher", *preload])
+        self.context.set_forkserver_preload(
+            ["celery_concurrent.supervisor.launcher", *preload, *CONTAINER_MODULES]
+        )
 
     def warm_up(self) -> None:
         """Start the fork server now, so that the first container does not wait for it."""

@@ -65,18 +65,52 @@ class Decision:
 def decide(obs: Observation) -> Decision:
     """The scaling decision for one function."""
     demand = obs.backlog + obs.in_flight
-    desired = _apply_buffer(obs.spec, demand, _containers_for(obs.spec, demand))
-    desired = _apply_bounds(obs, desired)
+    wanted = _apply_buffer(obs.spec, demand, _containers_for(obs.spec, demand))
+    desired = _apply_bounds(obs, wanted)
     live = len(obs.containers)
     reason = (
         f"backlog {obs.backlog}, in flight {obs.in_flight}, "
         f"capacity {live * obs.spec.target_inputs}"
     )
     if desired > live:
-        return Decision(desired, start=desired - live, reason=reason)
+        why = _why_start(obs, demand, wanted, desired)
+        return Decision(desired, start=desired - live, reason=_joined(reason, why))
     if desired < live:
-        return Decision(desired, retire=_retirable(obs, desired), reason=reason)
+        retire = _retirable(obs, desired)
+        return Decision(desired, retire=retire, reason=_joined(reason, _why_retire(obs, retire)))
     return Decision(desired, reason=reason)
+
+
+def _joined(reason: str, why: str) -> str:
+    return f"{reason}; {why}" if why else reason
+
+
+def _why_start(obs: Observation, demand: int, wanted: int, desired: int) -> str:
+    """What besides the demand set the number: a bound or the buffer (demand needs none)."""
+    spec = obs.spec
+    if desired > wanted:
+        return f"min_containers {spec.min_containers}"
+    if desired < wanted:
+        return _bound_name(obs, desired)
+    if spec.buffer_containers and demand > 0:
+        return f"buffer_containers {spec.buffer_containers}"
+    return ""
+
+
+def _why_retire(obs: Observation, retire: tuple[str, ...]) -> str:
+    upper = upper_bound(obs.spec, obs.node_capacity)
+    over = max(0, len(obs.containers) - upper) if upper is not None else 0
+    forced = min(over, sum(1 for c in obs.containers if not c.starting))
+    notes = [f"above {_bound_name(obs, upper)}"] if forced and upper is not None else []
+    if len(retire) > forced:
+        notes.append(f"idle for scaledown_window {obs.spec.scaledown_window:g}s")
+    return "; ".join(notes)
+
+
+def _bound_name(obs: Observation, upper: int) -> str:
+    if obs.spec.max_containers == upper:
+        return f"max_containers {upper}"
+    return f"node capacity {upper}"
 
 
 def _containers_for(spec: FunctionSpec, demand: int) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from celery.utils.log import get_logger
@@ -20,6 +23,9 @@ logger = get_logger(__name__)
 CRASH_WINDOW_SECONDS = 30.0
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
+#: upper bounds (seconds) of the cold-start histogram's buckets; a fork-server start is
+#: about 0.1 s, an exec'd (gevent) one about 1 s
+COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 @dataclass
@@ -31,6 +37,8 @@ class Container:
     retiring_since: float | None = None
     #: a drain that has not finished after this long is forced
     drain_deadline: float | None = None
+    #: when its first ready report arrived
+    ready_at: float | None = None
 
     @property
     def ready(self) -> bool:
@@ -59,6 +67,33 @@ class ScaleEvent:
 
 
 @dataclass
+class ColdStarts:
+    """Cumulative cold-start times: from a container's start to its first ready report."""
+
+    bounds: tuple[float, ...] = COLD_START_BUCKETS
+    #: observations per bucket (not cumulative); the last one is above every bound
+    counts: list[int] = field(default_factory=lambda: [0] * (len(COLD_START_BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+            self.total += seconds
+            self.count += 1
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
+        """``([(upper bound, cumulative count), ..., (inf, count)], sum, count)``."""
+        with self._lock:
+            running, buckets = 0, []
+            for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+                running += n
+                buckets.append((bound, running))
+            return buckets, self.total, self.count
+
+
+@dataclass
 class FunctionPool:
     """The containers of one function on this node."""
 
@@ -74,6 +109,7 @@ class FunctionPool:
     scale_ups: int = 0
     scale_downs: int = 0
     events: deque[ScaleEvent] = field(default_factory=lambda: deque(maxlen=50))
+    cold_starts: ColdStarts = field(default_factory=ColdStarts)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def next_ident(self) -> str:
@@ -93,15 +129,23 @@ class FunctionPool:
     def backing_off(self, now: float) -> bool:
         return now < self.backoff_until
 
-    def record_event(self, before: int, after: int, reason: str) -> ScaleEvent:
+    def record_event(
+        self, before: int, after: int, reason: str, *, decided: bool = True
+    ) -> ScaleEvent:
+        """Record a change of size; only a policy decision counts as a scale-up or -down."""
         event = ScaleEvent(time.monotonic(), time.time(), before, after, reason)
         self.last_event = event
         self.events.append(event)
-        if after > before:
+        if decided and after > before:
             self.scale_ups += 1
-        elif after < before:
+        elif decided and after < before:
             self.scale_downs += 1
         return event
+
+    def record_ready(self, container: Container, now: float) -> None:
+        """A container reported ready for the first time: observe its cold start."""
+        container.ready_at = now
+        self.cold_starts.observe(max(0.0, now - container.started_at))
 
     def record_crash(self, container: Container, exitcode: int | None, now: float) -> float:
         """Count a crash; return the back-off (seconds) before the next start."""
@@ -126,6 +170,20 @@ class FunctionPool:
     @property
     def crash_looping(self) -> bool:
         return self.consecutive_crashes >= 3
+
+
+def lowest_free_ident(taken: Iterable[str], prefix: str = "") -> str:
+    """``prefix`` and the lowest number that no ident in ``taken`` has.
+
+    Idents name containers (``<function>-<ident>@<host>``). Reusing the free ones keeps
+    the set of names a node ever shows bounded, so Flower and other monitors see a few
+    workers per function coming and going, not a new dead one after every scale-down.
+    """
+    used = set(taken)
+    n = 1
+    while f"{prefix}{n}" in used:
+        n += 1
+    return f"{prefix}{n}"
 
 
 def describe_exit(exitcode: int | None) -> str:

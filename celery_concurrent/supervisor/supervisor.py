@@ -10,7 +10,6 @@ tens of seconds.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import select
 import shutil
@@ -26,11 +25,13 @@ from typing import Any
 from celery import Celery
 from celery.utils.log import get_logger
 
+from ..container.worker import container_nodename
+from ..gpu import DeviceAllocator, GpuDevice, describe_requests
 from ..reports import LoadReport
 from ..spec import FunctionSpec
 from .launcher import ContainerLaunch, Launcher
 from .policy import Decision, Observation, decide
-from .pool import Container, FunctionPool
+from .pool import Container, FunctionPool, lowest_free_ident
 from .probes import BacklogProbe
 
 logger = get_logger(__name__)
@@ -62,6 +63,10 @@ class SupervisorSettings:
     conf: dict[str, Any] = field(default_factory=dict)
     preload: list[str] = field(default_factory=list)
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    #: the node's full name (``gpu@host``): its name part keeps container names unique
+    nodename: str = ""
+    #: the node's GPUs, detected or from ``--gpus``
+    gpus: tuple[GpuDevice, ...] = ()
 
 
 class Supervisor:
@@ -71,10 +76,19 @@ class Supervisor:
         self.app = app
         self.settings = settings
         self.pools: dict[str, FunctionPool] = {s.name: FunctionPool(s) for s in specs}
+        self.devices = DeviceAllocator(settings.gpus)
+        self._ident_prefix = ident_prefix(settings.nodename)
+        for pool in self.pools.values():
+            if pool.spec.gpu is not None and not self.placeable(pool.spec):
+                logger.warning(
+                    "%s: this node cannot place %s; its inputs wait in %s for a node that can",
+                    pool.spec.name,
+                    describe_requests(pool.spec.gpu),
+                    pool.spec.queue,
+                )
         self.launcher = Launcher(settings.preload)
         self.probe = BacklogProbe(app)
         self._by_ident: dict[str, tuple[FunctionPool, Container]] = {}
-        self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -168,14 +182,27 @@ class Supervisor:
             if backlog is None:
                 continue  # broker unreachable: keep what runs, decide nothing
             pool.backlog = backlog
+            if not self.placeable(pool.spec):
+                continue  # its inputs wait in the queue for a node with such GPUs
             decision = decide(
                 Observation(
-                    pool.spec, backlog, pool.states(now), node_capacity=self._node_capacity(pool)
+                    pool.spec, backlog, pool.states(now), node_capacity=self._capacity(pool)
                 )
             )
             self._apply(pool, decision, now)
             pool.record_healthy(now)
         self._force_overdue_drains(now)
+
+    def placeable(self, spec: FunctionSpec) -> bool:
+        """Whether this node could ever run a container of ``spec`` (any CPU function can)."""
+        return spec.gpu is None or self.devices.can_place(spec.gpu)
+
+    def _capacity(self, pool: FunctionPool) -> int:
+        capacity = self._node_capacity(pool)
+        if pool.spec.gpu is None:
+            return capacity
+        # Running containers keep their devices; only the free ones bound new containers.
+        return min(capacity, pool.live + self.devices.capacity(pool.spec.gpu))
 
     def _node_capacity(self, pool: FunctionPool) -> int:
         bound = self.settings.node_max_containers
@@ -200,7 +227,14 @@ class Supervisor:
             logger.info("%s: %s", pool.spec.name, event.describe())
 
     def _start(self, pool: FunctionPool, now: float) -> bool:
-        ident = str(next(self._ids))
+        # Reuse free idents: a bounded set of container names, not a new one per start.
+        ident = lowest_free_ident(self._by_ident, self._ident_prefix)
+        env: dict[str, str] = {}
+        if pool.spec.gpu is not None:
+            placement = self.devices.allocate(ident, pool.spec.gpu)
+            if placement is None:
+                return False
+            env = placement.environ()
         launch = ContainerLaunch(
             app_ref=self.settings.app_ref,
             spec=pool.spec,
@@ -212,10 +246,12 @@ class Supervisor:
             logfile=self.settings.logfile,
             task_events=self.settings.task_events,
             conf=self.settings.conf,
+            env=env,
         )
         try:
             process = self.launcher.start(launch)
         except Exception as exc:  # noqa: BLE001 - reported, backed off, never fatal
+            self.devices.release(ident)
             delay = pool.record_crash(Container(ident, _NoProcess(), now), None, now)
             pool.last_error = f"cannot start a container: {exc}"
             logger.warning(
@@ -261,6 +297,7 @@ class Supervisor:
                     continue
                 del pool.containers[ident]
                 self._by_ident.pop(ident, None)
+                self.devices.release(ident)
                 delay = pool.record_crash(container, code, now)
                 logger.warning(
                     "%s: container %s crashed (%s); %s",
@@ -269,11 +306,14 @@ class Supervisor:
                     pool.last_error,
                     f"backing off {delay:.0f}s" if pool.consecutive_crashes > 1 else "replacing it",
                 )
-                pool.record_event(pool.live + 1, pool.live, f"crash: {pool.last_error}")
+                pool.record_event(
+                    pool.live + 1, pool.live, f"crash: {pool.last_error}", decided=False
+                )
             for ident, container in list(pool.retiring.items()):
                 if container.process.exitcode() is not None:
                     del pool.retiring[ident]
                     self._by_ident.pop(ident, None)
+                    self.devices.release(ident)
 
     def _read_reports(self) -> None:
         while True:
@@ -287,8 +327,13 @@ class Supervisor:
                 logger.warning("celery-concurrent: ignoring a malformed load report")
                 continue
             found = self._by_ident.get(report.ident)
-            if found is not None:
-                found[1].report = report
+            # Idents are reused: a late report of an exited container is not the new one's.
+            if found is None or found[1].process.pid not in (None, report.pid):
+                continue
+            pool, container = found
+            if report.ready and not container.ready:
+                pool.record_ready(container, time.monotonic())
+            container.report = report
 
     # -- control -----------------------------------------------------------------
 
@@ -333,12 +378,27 @@ class Supervisor:
             "last_event": None if event is None else event.describe(),
             "last_event_at": None if event is None else event.wall,
             "pids": sorted(c.process.pid or 0 for c in pool.containers.values()),
+            "gpu": None if spec.gpu is None else [str(r) for r in spec.gpu],
+            "gpu_devices": self._gpu_devices(pool),
+            "placeable": self.placeable(spec),
         }
+
+    def _gpu_devices(self, pool: FunctionPool) -> dict[str, list[str]]:
+        """The devices each container (running or draining) holds, by container node name."""
+        held = {}
+        for ident in [*pool.containers, *pool.retiring]:
+            placement = self.devices.held(ident)
+            if placement is not None:
+                name = container_nodename(pool.spec, ident, self.settings.hostname)
+                held[name] = [d.id for d in placement.devices]
+        return held
 
     def stats(self) -> dict[str, Any]:
         uptime = max(time.monotonic() - self.started_at, 1e-9)
         return {
             "node_max_containers": self.settings.node_max_containers,
+            "gpus": [str(d) for d in self.devices.devices],
+            "gpus_free": [d.id for d in self.devices.free],
             "poll_interval": self.settings.poll_interval,
             "supervisor_cpu_share": round(self.turn_seconds / uptime, 4),
             "turns": self.turns,
@@ -357,6 +417,17 @@ class _NoProcess:
 
     def kill(self) -> None:
         pass
+
+
+def ident_prefix(nodename: str) -> str:
+    """What starts the idents of a node's containers, and so their node names.
+
+    Two nodes on one host (``gpu@host``, ``cpu@host``) must never name two containers
+    alike: ``gpu@host`` gives ``gpu-`` (``proj.embed-gpu-1@host``). The default node
+    name ``celery`` gives none, so a lone node's containers keep short names.
+    """
+    name, at, _ = nodename.partition("@")
+    return f"{name}-" if at and name and name != "celery" else ""
 
 
 def locate_app(app: Celery, hints: Iterable[str] = ()) -> str:

@@ -22,13 +22,14 @@ return n
 
 
 class Recorder:
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, setting: str = "broker_url") -> None:
         self.app = app
+        self.setting = setting
         self._clients: dict[str, redis.Redis] = {}
 
     def store(self) -> redis.Redis:
-        """A client of the broker's Redis (the URL may change after import, in tests)."""
-        url = self.app.conf.broker_url
+        """A client of the app's Redis (the URL may change after import, in tests)."""
+        url = self.app.conf[self.setting]
         if url not in self._clients:
             self._clients[url] = redis.Redis.from_url(url)
         return self._clients[url]

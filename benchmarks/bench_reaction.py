@@ -1,0 +1,574 @@
+"""Scale-up reaction time, side by side, and the supervisor's idle cost.
+
+Run it with ``python -m benchmarks.bench_reaction`` from the repository root.
+
+Reaction time is the time from a burst to the first input running on a process that
+did not exist before the burst. The burst is ``B`` inputs (10 by default) published at
+once to a function with no process to run them; the publisher takes ``time.monotonic()``
+just before the first publish. Each input stamps ``time.monotonic()`` into Redis as its
+first act, with its node name and PID (``CLOCK_MONOTONIC`` is system-wide on Linux, so
+the two stamps compare across processes). Three sides take turns on one private Redis,
+each waiting until its side is cold again before the next burst:
+
+- **ours**: a node, ``celery -A benchmarks.apps worker -c 1 --concurrent-functions
+  benchmarks.apps.reaction_ours``, supervises a function at ``keep_warm=0``,
+  ``concurrency_limit=1``, ``max_inputs=10`` and ``scaledown_window=0.5``: every burst
+  finds no container and ends in one new container, forked from the node's preloaded
+  fork server. The clock includes the supervisor noticing the backlog (it reads it
+  every 50 ms), the fork, the worker's start-up, its broker connection and its first
+  fetch. After the burst the container retires (idle 0.5 s, then a drain) and the
+  next burst waits for zero containers.
+- **exec**: at burst time the benchmark itself execs a container, ``celery -A
+  benchmarks.apps worker --concurrent-function benchmarks.apps.reaction_exec``, as a
+  naive supervisor or KEDA starting a pod would. It is told at once, with no poll at
+  all, so this is a lower bound for any scaler that starts an interpreter per
+  container. The process is stopped after the burst.
+- **autoscale**: Celery's own ``celery -A benchmarks.apps worker --autoscale=4,0``
+  (prefork) consumes the plain task ``reaction_plain``. Its main process reserves the
+  messages and, on each one, grows the pool by forking itself (no new broker connection,
+  the app is already imported), then hands the input to the new process. The first
+  input that runs in a PID absent before the burst ends the clock. To get a cold pool
+  for every burst, this worker runs with ``AUTOSCALE_KEEPALIVE=1`` (the scale-down delay;
+  Celery's default is 30 s); growing does not depend on it.
+
+Each input also stamps its process's life (``benchmarks.apps.LIFE``): when it was forked
+or imported, when its ``celery worker`` was created (``celeryd_init``) and when its
+consumer was ready (``worker_ready``). The report splits the median reaction into those
+phases, which is where a profile of a cold start begins.
+
+Rounds rotate which side goes first, so a drift of the machine weighs on all alike; a
+warm-up round (fork server, page cache) is not counted.
+
+Idle cost: a node supervising two functions with ``keep_warm=1`` (a threads and an
+asyncio container) and no traffic; the node's main process's CPU time (user + system,
+all threads, from ``/proc/<pid>/stat``) over ``--idle-seconds``, as a share of one core
+(target <= 2 %), then the containers' and the fork server's on their own. The same node
+with ``--without-concurrent`` gives plain Celery's own idle cost, so the difference is
+the supervisor's.
+
+The report prints a table (p50, p95, min, max, ratios to ours) and writes
+``benchmarks/results/reaction.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from benchmarks.bench_overhead import cpu_seconds, python_path
+from celery_concurrent import spec_of
+from tests.support import RedisServer, Workers, stop_process
+
+APP = "benchmarks.apps"
+OURS = f"{APP}.reaction_ours"
+EXEC = f"{APP}.reaction_exec"
+PLAIN = f"{APP}.reaction_plain"
+IDLE_FUNCTIONS = (f"{APP}.idle_sync", f"{APP}.idle_async")
+RESULTS = Path(__file__).resolve().parent / "results" / "reaction.json"
+TARGET_P50_MS = 150.0
+TARGET_IDLE_SHARE = 0.02
+AUTOSCALE = "4,0"
+AUTOSCALE_KEEPALIVE = "1"
+POLL_SECONDS = 0.01
+QUIET = ("-l", "WARNING")
+#: The node as a user runs it, with one pool process for plain tasks.
+NODE_ARGS = ("-c", "1", *QUIET)
+#: the phases of a cold start, in order, as stamped by the input's process
+PHASES = ("forked", "imported", "worker_created", "consumer_ready")
+
+
+@dataclass
+class Start:
+    """One input's start stamp, as the task wrote it."""
+
+    at: float
+    host: str | None
+    pid: int
+    life: dict[str, float]
+
+    @property
+    def born(self) -> float:
+        """When the process that ran the input began: forked, or else imported the app."""
+        return self.life.get("forked", self.life.get("imported", 0.0))
+
+
+@dataclass
+class Sample:
+    side: str
+    round: int
+    reaction_ms: float
+    #: milliseconds from the burst to each stamp of the first input's process
+    phases_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Side:
+    """One way of reacting to a burst: how to make it cold, burst, and tell a new process."""
+
+    name: str
+    task: str
+    command: str
+    #: the Redis list the inputs of the current burst stamp their starts into
+    key: str = ""
+
+    def __init__(self, workers: Workers, rds: redis.Redis, app: Any) -> None:
+        self.workers, self.rds, self.app = workers, rds, app
+
+    def setup(self) -> None:
+        pass
+
+    def wait_cold(self, timeout: float) -> None:
+        pass
+
+    def before_burst(self) -> None:
+        pass
+
+    def after_burst(self) -> None:
+        pass
+
+    def is_new(self, start: Start) -> bool:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        pass
+
+    def burst(self, key: str, size: int) -> float:
+        """Publish ``size`` inputs at once; return the burst time."""
+        task = self.app.tasks[self.task]
+        with self.app.producer_or_acquire() as producer:
+            began = time.monotonic()
+            for _ in range(size):
+                task.apply_async((key,), producer=producer)
+        return began
+
+
+class Ours(Side):
+    name = "ours"
+    task = OURS
+    args = (*NODE_ARGS, "-n", "reaction@%h", "--concurrent-functions", OURS)
+    command = " ".join(("celery -A", APP, "worker", *args))
+
+    def setup(self) -> None:
+        self.node = self.workers.start(APP, *self.args, wait_ready=False)
+        self.seen: set[int] = set()
+
+    def containers(self) -> list[psutil.Process]:
+        return fork_server_children(self.node.pid)
+
+    def wait_cold(self, timeout: float) -> None:
+        wait_until(lambda: not self.containers(), timeout, "ours: no containers", self.node)
+
+    def is_new(self, start: Start) -> bool:
+        # Container names are reused (the lowest free ident), so tell them by PID.
+        return start.pid not in self.seen
+
+    def after_burst(self) -> None:
+        self.seen.update(start.pid for start in read_starts(self.rds, self.key))
+
+    def teardown(self) -> None:
+        stop_process(self.node)
+
+
+class Exec(Side):
+    name = "exec"
+    task = EXEC
+    args = ("--concurrent-function", EXEC, *QUIET)
+    command = " ".join(("celery -A", APP, "worker", *args))
+
+    def setup(self) -> None:
+        self.proc: Any = None
+
+    def burst(self, key: str, size: int) -> float:
+        began = super().burst(key, size)
+        self.proc = self.workers.start(APP, *self.args, wait_ready=False)
+        return began
+
+    def is_new(self, start: Start) -> bool:
+        return self.proc is not None and start.pid == self.proc.pid
+
+    def after_burst(self) -> None:
+        self.teardown()
+
+    def teardown(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.workers.procs.remove(self.proc)
+            self.proc = None
+
+
+class Autoscale(Side):
+    name = "autoscale"
+    task = PLAIN
+    args = (
+        f"--autoscale={AUTOSCALE}",
+        "-n",
+        "autoscale@%h",
+        "-Q",
+        importlib.import_module(APP).REACTION_PLAIN_QUEUE,
+        "--without-concurrent",
+        *QUIET,
+    )
+    command = " ".join(
+        (f"AUTOSCALE_KEEPALIVE={AUTOSCALE_KEEPALIVE} celery -A", APP, "worker", *args)
+    )
+
+    def setup(self) -> None:
+        self.worker = self.workers.start(
+            APP, *self.args, env={"AUTOSCALE_KEEPALIVE": AUTOSCALE_KEEPALIVE}, wait_ready=False
+        )
+        self.before: set[int] = set()
+
+    def pool_pids(self) -> set[int]:
+        return {child.pid for child in children(self.worker.pid)}
+
+    def wait_cold(self, timeout: float) -> None:
+        wait_until(lambda: not self.pool_pids(), timeout, "autoscale: empty pool", self.worker)
+
+    def before_burst(self) -> None:
+        self.before = self.pool_pids() | {self.worker.pid}
+
+    def is_new(self, start: Start) -> bool:
+        return start.pid not in self.before
+
+    def teardown(self) -> None:
+        stop_process(self.worker)
+
+
+def children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def fork_server_children(node_pid: int) -> list[psutil.Process]:
+    """A node's containers: the children of its fork server."""
+    for child in children(node_pid):
+        try:
+            if "forkserver" in " ".join(child.cmdline()):
+                return child.children()
+        except psutil.NoSuchProcess:
+            continue
+    return []
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float, what: str, proc: Any = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the worker exited ({proc.returncode})")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout}s")
+        time.sleep(POLL_SECONDS)
+
+
+def read_starts(rds: redis.Redis, key: str) -> list[Start]:
+    starts = []
+    for raw in rds.lrange(key, 0, -1):
+        stamp = json.loads(raw)
+        life = {phase: stamp[phase] for phase in PHASES if phase in stamp}
+        starts.append(Start(stamp["at"], stamp["host"], stamp["pid"], life))
+    return starts
+
+
+def measure(side: Side, round_no: int, size: int, timeout: float) -> Sample:
+    key = f"bench:reaction:{side.name}:{round_no}"
+    side.key = key
+    side.wait_cold(timeout)
+    side.before_burst()
+    began = side.burst(key, size)
+    try:
+        wait_until(lambda: side.rds.llen(key) >= size, timeout, f"{side.name}: {size} inputs")
+        starts = read_starts(side.rds, key)
+        new = [start for start in starts if side.is_new(start) and start.born >= began]
+    finally:
+        side.after_burst()
+    if not new:
+        raise RuntimeError(f"{side.name}: no input of the burst ran on a new process: {starts}")
+    first = min(new, key=lambda start: start.at)
+    phases = {phase: 1000 * (at - began) for phase, at in first.life.items() if at >= began}
+    return Sample(side.name, round_no, 1000 * (first.at - began), phases)
+
+
+# -- idle cost ---------------------------------------------------------------------
+
+
+def cpu_of(pids: Iterable[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
+
+
+def shares(groups: dict[str, list[int]], seconds: float) -> dict[str, list[float]]:
+    """CPU share of one core of each process, over the same ``seconds``, by group."""
+    before = {name: [cpu_of([pid]) for pid in pids] for name, pids in groups.items()}
+    began = time.monotonic()
+    time.sleep(seconds)
+    after = {name: [cpu_of([pid]) for pid in pids] for name, pids in groups.items()}
+    wall = time.monotonic() - began
+    return {
+        name: [(b - a) / wall for a, b in zip(before[name], after[name], strict=True)]
+        for name in groups
+    }
+
+
+def supervisor_turns_per_second(app: Any, node: str) -> float | None:
+    """How often the node's supervisor ran a turn since it started (``inspect stats``)."""
+    replies = app.control.inspect(destination=[node], timeout=2.0).stats() or {}
+    stats = replies.get(node, {})
+    turns, uptime = stats.get("concurrent", {}).get("turns"), stats.get("uptime")
+    return turns / uptime if turns and uptime else None
+
+
+def measure_idle(
+    workers: Workers, app: Any, seconds: float, baseline_seconds: float
+) -> dict[str, Any]:
+    name = f"idle@{socket.gethostname()}"
+    args = (*NODE_ARGS, "-n", name, "--concurrent-functions", ",".join(IDLE_FUNCTIONS))
+    node = workers.start(APP, *args, wait_ready=False)
+    try:
+        wait_until(
+            lambda: len(fork_server_children(node.pid)) == len(IDLE_FUNCTIONS),
+            60,
+            "idle node: keep_warm containers",
+            node,
+        )
+        time.sleep(3)  # every container connected and settled
+        found = shares(
+            {
+                "node": [node.pid],
+                "containers": [p.pid for p in fork_server_children(node.pid)],
+                # the fork server, the node's pool process, multiprocessing's tracker
+                "children": [p.pid for p in children(node.pid)],
+            },
+            seconds,
+        )
+        turns = supervisor_turns_per_second(app, name)
+    finally:
+        stop_process(node)
+        workers.procs.remove(node)
+    base_args = (*NODE_ARGS, "-n", "plain@%h", "--without-concurrent")
+    plain = workers.start(APP, *base_args, wait_ready=False)
+    try:
+        time.sleep(3)
+        plain_share = shares({"node": [plain.pid]}, baseline_seconds)["node"][0]
+    finally:
+        stop_process(plain)
+        workers.procs.remove(plain)
+    node_share = found["node"][0]
+    return {
+        "node_main_process_share": node_share,
+        "target": TARGET_IDLE_SHARE,
+        "meets_target": node_share <= TARGET_IDLE_SHARE,
+        "plain_node_main_process_share": plain_share,
+        "supervisor_share": node_share - plain_share,
+        "supervisor_turns_per_s": turns,
+        "containers_share_total": sum(found["containers"]),
+        "containers_share_each": found["containers"],
+        "node_children_share": sum(found["children"]),
+        "seconds": seconds,
+        "baseline_seconds": baseline_seconds,
+        "node_command": " ".join(("celery -A", APP, "worker", *args)).replace(name, "idle@%h"),
+        "plain_node_command": " ".join(("celery -A", APP, "worker", *base_args)),
+    }
+
+
+def spec_as_dict(task: Any) -> dict[str, Any]:
+    spec = spec_of(task)
+    assert spec is not None, task
+    return spec.as_dict()
+
+
+# -- report ------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile, linear between the closest ranks."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summarize(samples: list[Sample]) -> dict[str, Any]:
+    values = [sample.reaction_ms for sample in samples]
+    phases: dict[str, float] = {}
+    for phase in PHASES:
+        found = [s.phases_ms[phase] for s in samples if phase in s.phases_ms]
+        if len(found) == len(samples):
+            phases[phase] = statistics.median(found)
+    return {
+        "p50_ms": percentile(values, 50),
+        "p95_ms": percentile(values, 95),
+        "min_ms": min(values),
+        "max_ms": max(values),
+        "mean_ms": statistics.fmean(values),
+        "samples": len(values),
+        "median_ms_from_burst_to": phases,
+    }
+
+
+def run_rounds(sides: list[Side], args: argparse.Namespace) -> list[Sample]:
+    samples: list[Sample] = []
+    for side in sides:
+        side.setup()
+    for round_no in range(-1, args.rounds):  # round -1 warms up
+        shift = round_no % len(sides)
+        for side in sides[shift:] + sides[:shift]:
+            sample = measure(side, round_no, args.burst, args.timeout)
+            if round_no >= 0:
+                samples.append(sample)
+        if round_no >= 0:
+            line = "  ".join(
+                f"{s.side} {s.reaction_ms:6.1f} ms" for s in samples if s.round == round_no
+            )
+            print(f"round {round_no + 1:2}: {line}", flush=True)
+    return samples
+
+
+def print_table(results: dict[str, dict[str, Any]], commands: dict[str, str]) -> None:
+    ours = results["ours"]
+    print()
+    print(
+        f"{'side':10} {'p50 ms':>7} {'p95 ms':>7} {'min ms':>7} {'max ms':>7} "
+        f"{'p50/ours':>9} {'p95/ours':>9}  command"
+    )
+    for name, numbers in results.items():
+        print(
+            f"{name:10} {numbers['p50_ms']:7.1f} {numbers['p95_ms']:7.1f} "
+            f"{numbers['min_ms']:7.1f} {numbers['max_ms']:7.1f} "
+            f"{numbers['p50_ms'] / ours['p50_ms']:9.2f} {numbers['p95_ms'] / ours['p95_ms']:9.2f}"
+            f"  {commands[name]}"
+        )
+    print()
+    for name, numbers in results.items():
+        phases = ", ".join(f"{p} {ms:.1f}" for p, ms in numbers["median_ms_from_burst_to"].items())
+        print(
+            f"{name:10} median ms from the burst to: {phases}, first input {numbers['p50_ms']:.1f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=18, help="bursts per side")
+    parser.add_argument("--burst", type=int, default=10, help="inputs per burst")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per step, at most")
+    parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--baseline-seconds", type=float, default=10.0)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    extra_args = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(extra_args)
+
+    load_before = os.getloadavg()
+    began = time.monotonic()
+    server = RedisServer().start()
+    try:
+        # The app reads its broker when imported, so point it at the private Redis first.
+        os.environ["CELERY_BROKER_URL"] = server.url
+        app = importlib.import_module(APP).app
+        rds = redis.Redis.from_url(server.url)
+        with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
+            workers = Workers(server.url, Path(logdir))
+            sides: list[Side] = [cls(workers, rds, app) for cls in (Ours, Exec, Autoscale)]
+            try:
+                samples = run_rounds(sides, args)
+                for side in sides:
+                    side.teardown()
+                idle = measure_idle(workers, app, args.idle_seconds, args.baseline_seconds)
+            finally:
+                for side in sides:
+                    side.teardown()
+                workers.stop_all()
+    finally:
+        server.stop()
+    load_after = os.getloadavg()
+    elapsed = time.monotonic() - began
+
+    results = {s.name: summarize([x for x in samples if x.side == s.name]) for s in sides}
+    commands = {side.name: side.command for side in sides}
+    ours = results["ours"]
+    print_table(results, commands)
+    verdict = "meets" if ours["p50_ms"] <= TARGET_P50_MS else "misses"
+    print(f"ours p50 {ours['p50_ms']:.1f} ms ({verdict} the target {TARGET_P50_MS:.0f} ms)")
+    verdict = "meets" if idle["meets_target"] else "misses"
+    print(
+        f"idle node main process: {100 * idle['node_main_process_share']:.2f} % of a core "
+        f"({verdict} the target {100 * TARGET_IDLE_SHARE:.0f} %); plain Celery node "
+        f"{100 * idle['plain_node_main_process_share']:.2f} %, so the supervisor "
+        f"{100 * idle['supervisor_share']:.2f} % ({idle['supervisor_turns_per_s'] or 0:.1f} "
+        "turns/s)"
+    )
+    print(
+        f"idle containers: {100 * idle['containers_share_total']:.2f} % of a core together "
+        f"({', '.join(f'{100 * s:.2f} %' for s in idle['containers_share_each'])}); the "
+        f"node's other children (fork server, pool, tracker) "
+        f"{100 * idle['node_children_share']:.2f} %"
+    )
+    print(
+        f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
+        f"took {elapsed:.0f} s"
+    )
+
+    report = {
+        "benchmark": "reaction",
+        "command": " ".join([python_path(), "-m", "benchmarks.bench_reaction", *extra_args]),
+        "parameters": {
+            "rounds_per_side": args.rounds,
+            "burst_inputs": args.burst,
+            "reaction": "time.monotonic() from just before the burst's first publish to the "
+            "first input of the burst starting on a process that did not exist before it",
+            "ours_function": spec_as_dict(app.tasks[OURS]),
+            "autoscale": AUTOSCALE,
+            "autoscale_keepalive_s": float(AUTOSCALE_KEEPALIVE),
+            "poll_interval_s": 0.05,
+        },
+        "workers": commands,
+        "results": {
+            **results,
+            "p50_ratio_to_ours": {n: r["p50_ms"] / ours["p50_ms"] for n, r in results.items()},
+            "p95_ratio_to_ours": {n: r["p95_ms"] / ours["p95_ms"] for n, r in results.items()},
+            "target_p50_ms": TARGET_P50_MS,
+            "meets_target": ours["p50_ms"] <= TARGET_P50_MS,
+            "idle": idle,
+        },
+        "samples": [asdict(sample) for sample in samples],
+        "environment": {
+            "python": platform.python_version(),
+            "celery": importlib.import_module("celery").__version__,
+            "kombu": importlib.import_module("kombu").__version__,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_1m_before": load_before[0],
+            "load_average_1m_after": load_after[0],
+            "seconds": elapsed,
+        },
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
