@@ -96,18 +96,10 @@ def _consumer_ready(**_: object) -> None:
 
 def stamp_start(key: str) -> None:
     """Record that an input started: when, on which node and process, and that process's life."""
+    started = time.monotonic()  # before anything else: a new process connects to Redis below
     request = current_task.request if current_task else None
-    store().rpush(
-        key,
-        json.dumps(
-            {
-                "at": time.monotonic(),
-                "host": getattr(request, "hostname", None),
-                "pid": os.getpid(),
-                **LIFE,
-            }
-        ),
-    )
+    stamp = {"at": started, "host": getattr(request, "hostname", None), "pid": os.getpid()}
+    store().rpush(key, json.dumps({**stamp, **LIFE}))
 
 
 @app.task(ignore_result=True)

@@ -36,6 +36,28 @@ or imported, when its ``celery worker`` was created (``celeryd_init``) and when 
 consumer was ready (``worker_ready``). The report splits the median reaction into those
 phases, which is where a profile of a cold start begins.
 
+Where the time of ours goes (2 cores, load about 1; py-spy, then the phases above):
+
+- burst -> forked, about 25 ms: mostly the supervisor's poll, which sees the backlog on
+  average half an interval (25 ms at 50 ms) after the burst; then an ``LLEN`` and the
+  fork server's round trip, a few ms. This is the floor at the default interval
+  (``--concurrent-poll-interval`` trades it against idle CPU).
+- forked -> consumer ready, about 30 ms: ``app.Worker`` and its bootsteps, logging, the
+  thread pool, the broker connection and declaring the queue.
+- consumer ready -> first input, 2-3 ms: the first fetch.
+
+The container used to import about 60 modules on its way to its first input
+(``celery.apps.worker``, the consumer's bootsteps, ``celery.app.control``, the kombu
+transport and, through ``kombu.matcher``, ``difflib``): about 30 ms of every cold start,
+and p50 was 76-90 ms. The fork server now imports them once
+(``celery_concurrent.supervisor.launcher.CONTAINER_MODULES``).
+
+Celery's ``--autoscale`` reacts in its main process, one message at a time ("Scaling up
+1 processes"): it forks a pool process 40-60 ms after the burst, and billiard's process
+start-up takes about as long again before the first input runs there. The exec'd
+container spends about 250 ms starting the interpreter and importing Celery and the app
+before its worker exists.
+
 Rounds rotate which side goes first, so a drift of the machine weighs on all alike; a
 warm-up round (fork server, page cache) is not counted.
 
@@ -72,6 +94,7 @@ import redis
 
 from benchmarks.bench_overhead import cpu_seconds, python_path
 from celery_concurrent import spec_of
+from celery_concurrent.supervisor.supervisor import DEFAULT_POLL_INTERVAL
 from tests.support import RedisServer, Workers, stop_process
 
 APP = "benchmarks.apps"
@@ -471,11 +494,11 @@ def print_table(results: dict[str, dict[str, Any]], commands: dict[str, str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=18, help="bursts per side")
+    parser.add_argument("--rounds", type=int, default=20, help="bursts per side")
     parser.add_argument("--burst", type=int, default=10, help="inputs per burst")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per step, at most")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
-    parser.add_argument("--baseline-seconds", type=float, default=10.0)
+    parser.add_argument("--baseline-seconds", type=float, default=20.0)
     parser.add_argument("--output", type=Path, default=RESULTS)
     extra_args = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(extra_args)
@@ -541,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             "ours_function": spec_as_dict(app.tasks[OURS]),
             "autoscale": AUTOSCALE,
             "autoscale_keepalive_s": float(AUTOSCALE_KEEPALIVE),
-            "poll_interval_s": 0.05,
+            "poll_interval_s": DEFAULT_POLL_INTERVAL,
         },
         "workers": commands,
         "results": {

@@ -171,12 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         given: dict[str, list[str]] = {}
         most = 0
 
-        def read_status() -> None:
+        def read_status() -> bool:
+            """Note what the node says; whether it answered."""
             nonlocal most
-            for row in collect_status(app, timeout=0.5):
-                if row["function"] == FUNCTION:
+            for row in collect_status(app, timeout=1.0):
+                if row["function"] == FUNCTION and row["nodes"]:
                     most = max(most, row["containers"] + row["retiring"])
                     given.update(row.get("gpu_devices") or {})
+                    return True
+            return False
 
         while not result.ready():
             read_status()
@@ -188,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{workers.log_of(node)[-3000:]}"
                 )
         answers = result.get(timeout=60)
-        read_status()  # the containers are still warm (container_idle_timeout=30)
+        # The containers are still warm (container_idle_timeout=30): ask what they hold.
+        for _ in range(5):
+            if read_status():
+                break
         detected = {d.id: {"name": d.name, "uuid": d.uuid} for d in devices}
         problems = analyse(answers, given, detected)
         if most > len(devices):

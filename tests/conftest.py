@@ -12,6 +12,20 @@ import redis
 from .support import RedisServer, Workers
 
 
+@pytest.fixture(autouse=True)
+def _unshare_tasks_made_in_tests() -> Iterator[None]:
+    """``@app.task`` shares each task with every app finalized later; undo that per test.
+
+    Tests define tasks inside their bodies, often with the same names; without this,
+    a later test's app would also register an earlier test's tasks.
+    """
+    from celery import _state
+
+    finalizers = set(_state._on_app_finalizers)
+    yield
+    _state._on_app_finalizers.intersection_update(finalizers)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()

@@ -11,6 +11,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from typing import Any
@@ -19,8 +21,9 @@ import pytest
 from celery import group
 
 from celery_concurrent.cli import collect_status
+from celery_concurrent.gpu import GPUS_ENV
 
-from .support import wait_for
+from .support import ROOT, wait_for
 
 APP = "tests.apps.gpu"
 EMBED = f"{APP}.embed"
@@ -170,3 +173,21 @@ def test_a_malformed_gpus_override_stops_the_node_with_a_clear_error(workers, ar
     log = workers.log_of(proc)
     assert named in log, log[-2000:]
     assert "INDEX:MODEL" in log
+
+
+def test_the_real_gpu_check_says_so_and_claims_nothing_without_a_gpu():
+    from benchmarks.gpu_check import NO_GPU_EXIT  # its app is made only for this test
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    env.pop(GPUS_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == NO_GPU_EXIT, done.stderr
+    assert "NO GPU" in done.stderr and "Nothing was checked" in done.stderr
+    assert done.stdout == ""

@@ -190,6 +190,21 @@ def test_a_node_without_the_devices_starts_nothing_and_says_so(node, gpus):
     assert row["containers"] == 0 and row["crashes"] == 0
 
 
+def test_a_function_the_node_cannot_place_takes_no_share_of_the_node(node):
+    fetch = FunctionSpec.from_options("proj.fetch", {})
+    parse = FunctionSpec.from_options("proj.parse", {})
+    train = make_spec("H100")
+    supervisor, launcher, probe = node([fetch, parse, train], gpus=())
+    supervisor.settings.node_max_containers = 4
+    probe.backlog_of[train.queue] = 5
+    probe.backlog_of[fetch.queue] = 100
+    supervisor.turn(0.0)
+    probe.backlog_of[parse.queue] = 100
+    supervisor.turn(0.1)
+    # Two busy functions share the node's 4: parse gets its half at once.
+    assert [launch.spec.name for launch in launcher.launches].count("proj.parse") == 2
+
+
 def test_cpu_functions_on_a_gpu_node_get_no_device_environment(node):
     spec = FunctionSpec.from_options("proj.fetch", {"max_containers": 1})
     supervisor, launcher, probe = node([spec])

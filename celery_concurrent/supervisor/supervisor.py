@@ -207,7 +207,12 @@ class Supervisor:
     def _node_capacity(self, pool: FunctionPool) -> int:
         bound = self.settings.node_max_containers
         others = sum(p.live for p in self.pools.values() if p is not pool)
-        busy = sum(1 for p in self.pools.values() if p is pool or p.live or p.backlog)
+        # A function this node cannot place (a GPU it lacks) is never busy here.
+        busy = sum(
+            1
+            for p in self.pools.values()
+            if p is pool or p.live or (p.backlog and self.placeable(p.spec))
+        )
         # Every busy function may use its fair share even when others fill the node;
         # the others then drain down to theirs, so a flood never starves a function.
         return max(max(1, bound // max(busy, 1)), bound - others)
