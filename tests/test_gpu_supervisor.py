@@ -205,12 +205,13 @@ def test_a_function_the_node_cannot_place_takes_no_share_of_the_node(node):
     assert [launch.spec.name for launch in launcher.launches].count("proj.parse") == 2
 
 
-def test_cpu_functions_on_a_gpu_node_get_no_device_environment(node):
+def test_cpu_functions_on_a_gpu_node_see_no_device(node):
+    # Otherwise a CPU container could touch the devices that GPU containers hold.
     spec = FunctionSpec.from_options("proj.fetch", {"max_containers": 1})
     supervisor, launcher, probe = node([spec])
     probe.backlog_of[spec.queue] = 1
     supervisor.turn(0.0)
-    assert [launch.env for launch in launcher.launches] == [{}]
+    assert [launch.env for launch in launcher.launches] == [{"CUDA_VISIBLE_DEVICES": ""}]
     assert supervisor.status()[0]["gpu"] is None
 
 

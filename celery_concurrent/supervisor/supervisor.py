@@ -240,6 +240,9 @@ class Supervisor:
             if placement is None:
                 return False
             env = placement.environ()
+        elif self.devices.devices:
+            # A CPU function on a GPU node must not touch devices GPU containers hold.
+            env = {"CUDA_VISIBLE_DEVICES": ""}
         launch = ContainerLaunch(
             app_ref=self.settings.app_ref,
             spec=pool.spec,
