@@ -1,6 +1,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LINTED := celery_concurrent tests benchmarks examples docs
 
 .PHONY: venv test lint demo bench format clean
 
@@ -16,16 +17,17 @@ test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff format --check celery_concurrent tests benchmarks examples
-	$(VENV)/bin/ruff check celery_concurrent tests benchmarks examples
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/mypy celery_concurrent
 
 format: venv
-	$(VENV)/bin/ruff format celery_concurrent tests benchmarks examples
-	$(VENV)/bin/ruff check --fix celery_concurrent tests benchmarks examples
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
 
+# CELERY_BROKER_URL=redis://... or amqp://... runs it on that broker; DEMO_ARGS=--quick
 demo: venv
-	$(PY) -m examples.demo
+	$(PY) -m examples.demo $(DEMO_ARGS)
 
 bench: venv
 	$(PY) -m benchmarks.run_all

@@ -59,7 +59,11 @@ container spends about 250 ms starting the interpreter and importing Celery and 
 before its worker exists.
 
 Rounds rotate which side goes first, so a drift of the machine weighs on all alike; a
-warm-up round (fork server, page cache) is not counted.
+warm-up round (fork server, page cache) is not counted. Each burst waits a random pause
+(up to four poll intervals) once its side is cold: a container's last load report wakes
+the supervisor just before it exits, so a burst sent the moment the side turns cold
+would land at the same point of the supervisor's poll every time (40-50 ms after it, the
+worst case) instead of anywhere in it, as a real burst does.
 
 Idle cost: a node supervising two functions with ``keep_warm=1`` (a threads and an
 asyncio container) and no traffic; the node's main process's CPU time (user + system,
@@ -79,8 +83,10 @@ import importlib
 import json
 import os
 import platform
+import random
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,6 +114,8 @@ TARGET_IDLE_SHARE = 0.02
 AUTOSCALE = "4,0"
 AUTOSCALE_KEEPALIVE = "1"
 POLL_SECONDS = 0.01
+#: a random pause before each burst, longer than the supervisor's poll interval
+JITTER_SECONDS = 4 * DEFAULT_POLL_INTERVAL
 QUIET = ("-l", "WARNING")
 #: The node as a user runs it, with one pool process for plain tasks.
 NODE_ARGS = ("-c", "1", *QUIET)
@@ -144,15 +152,29 @@ class Side:
 
     name: str
     task: str
-    command: str
     #: the Redis list the inputs of the current burst stamp their starts into
     key: str = ""
+    env: dict[str, str] = {}
 
     def __init__(self, workers: Workers, rds: redis.Redis, app: Any) -> None:
         self.workers, self.rds, self.app = workers, rds, app
+        #: the side's worker process (the node, the exec'd container, the autoscaler)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def args(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @property
+    def command(self) -> str:
+        env = " ".join(f"{name}={value}" for name, value in self.env.items())
+        return " ".join(filter(None, (env, "celery -A", APP, "worker", *self.args())))
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.proc = self.workers.start(APP, *self.args(), env=self.env, wait_ready=False)
+        return self.proc
 
     def setup(self) -> None:
-        pass
+        self.start()
 
     def wait_cold(self, timeout: float) -> None:
         pass
@@ -167,7 +189,10 @@ class Side:
         raise NotImplementedError
 
     def teardown(self) -> None:
-        pass
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.workers.procs.remove(self.proc)
+            self.proc = None
 
     def burst(self, key: str, size: int) -> float:
         """Publish ``size`` inputs at once; return the burst time."""
@@ -182,18 +207,18 @@ class Side:
 class Ours(Side):
     name = "ours"
     task = OURS
-    args = (*NODE_ARGS, "-n", "reaction@%h", "--concurrent-functions", OURS)
-    command = " ".join(("celery -A", APP, "worker", *args))
+
+    def args(self) -> tuple[str, ...]:
+        return (*NODE_ARGS, "-n", "reaction@%h", "--concurrent-functions", OURS)
 
     def setup(self) -> None:
-        self.node = self.workers.start(APP, *self.args, wait_ready=False)
+        self.start()
         self.seen: set[int] = set()
 
-    def containers(self) -> list[psutil.Process]:
-        return fork_server_children(self.node.pid)
-
     def wait_cold(self, timeout: float) -> None:
-        wait_until(lambda: not self.containers(), timeout, "ours: no containers", self.node)
+        assert self.proc is not None
+        node = self.proc.pid
+        wait_until(lambda: not fork_server_children(node), timeout, "ours: cold", self.proc)
 
     def is_new(self, start: Start) -> bool:
         # Container names are reused (the lowest free ident), so tell them by PID.
@@ -202,22 +227,20 @@ class Ours(Side):
     def after_burst(self) -> None:
         self.seen.update(start.pid for start in read_starts(self.rds, self.key))
 
-    def teardown(self) -> None:
-        stop_process(self.node)
-
 
 class Exec(Side):
     name = "exec"
     task = EXEC
-    args = ("--concurrent-function", EXEC, *QUIET)
-    command = " ".join(("celery -A", APP, "worker", *args))
+
+    def args(self) -> tuple[str, ...]:
+        return ("--concurrent-function", EXEC, *QUIET)
 
     def setup(self) -> None:
-        self.proc: Any = None
+        pass  # it starts at each burst
 
     def burst(self, key: str, size: int) -> float:
         began = super().burst(key, size)
-        self.proc = self.workers.start(APP, *self.args, wait_ready=False)
+        self.start()
         return began
 
     def is_new(self, start: Start) -> bool:
@@ -226,49 +249,36 @@ class Exec(Side):
     def after_burst(self) -> None:
         self.teardown()
 
-    def teardown(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.workers.procs.remove(self.proc)
-            self.proc = None
-
 
 class Autoscale(Side):
     name = "autoscale"
     task = PLAIN
-    args = (
-        f"--autoscale={AUTOSCALE}",
-        "-n",
-        "autoscale@%h",
-        "-Q",
-        importlib.import_module(APP).REACTION_PLAIN_QUEUE,
-        "--without-concurrent",
-        *QUIET,
-    )
-    command = " ".join(
-        (f"AUTOSCALE_KEEPALIVE={AUTOSCALE_KEEPALIVE} celery -A", APP, "worker", *args)
-    )
+    env = {"AUTOSCALE_KEEPALIVE": AUTOSCALE_KEEPALIVE}
+
+    def args(self) -> tuple[str, ...]:
+        queue = importlib.import_module(APP).REACTION_PLAIN_QUEUE
+        return (
+            f"--autoscale={AUTOSCALE}",
+            *("-n", "autoscale@%h", "-Q", queue, "--without-concurrent"),
+            *QUIET,
+        )
 
     def setup(self) -> None:
-        self.worker = self.workers.start(
-            APP, *self.args, env={"AUTOSCALE_KEEPALIVE": AUTOSCALE_KEEPALIVE}, wait_ready=False
-        )
+        self.start()
         self.before: set[int] = set()
 
     def pool_pids(self) -> set[int]:
-        return {child.pid for child in children(self.worker.pid)}
+        return {child.pid for child in children(self.proc.pid)} if self.proc else set()
 
     def wait_cold(self, timeout: float) -> None:
-        wait_until(lambda: not self.pool_pids(), timeout, "autoscale: empty pool", self.worker)
+        wait_until(lambda: not self.pool_pids(), timeout, "autoscale: empty pool", self.proc)
 
     def before_burst(self) -> None:
-        self.before = self.pool_pids() | {self.worker.pid}
+        assert self.proc is not None
+        self.before = self.pool_pids() | {self.proc.pid}
 
     def is_new(self, start: Start) -> bool:
         return start.pid not in self.before
-
-    def teardown(self) -> None:
-        stop_process(self.worker)
 
 
 def children(pid: int) -> list[psutil.Process]:
@@ -310,10 +320,13 @@ def read_starts(rds: redis.Redis, key: str) -> list[Start]:
     return starts
 
 
-def measure(side: Side, round_no: int, size: int, timeout: float) -> Sample:
+def measure(side: Side, round_no: int, size: int, timeout: float, jitter: float) -> Sample:
     key = f"bench:reaction:{side.name}:{round_no}"
     side.key = key
     side.wait_cold(timeout)
+    # A side turns cold in step with its own clock (a container exits just after it last
+    # woke the supervisor); a real burst arrives at any moment of the poll.
+    time.sleep(jitter)
     side.before_burst()
     began = side.burst(key, size)
     try:
@@ -399,13 +412,15 @@ def measure_idle(
         stop_process(plain)
         workers.procs.remove(plain)
     node_share = found["node"][0]
+    supervisor_share = node_share - plain_share
     return {
         "node_main_process_share": node_share,
         "target": TARGET_IDLE_SHARE,
         "meets_target": node_share <= TARGET_IDLE_SHARE,
         "plain_node_main_process_share": plain_share,
-        "supervisor_share": node_share - plain_share,
+        "supervisor_share": supervisor_share,
         "supervisor_turns_per_s": turns,
+        "supervisor_cpu_ms_per_turn": 1000 * supervisor_share / turns if turns else None,
         "containers_share_total": sum(found["containers"]),
         "containers_share_each": found["containers"],
         "node_children_share": sum(found["children"]),
@@ -454,12 +469,14 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
 
 def run_rounds(sides: list[Side], args: argparse.Namespace) -> list[Sample]:
     samples: list[Sample] = []
+    jitter = random.Random(args.seed)
     for side in sides:
         side.setup()
     for round_no in range(-1, args.rounds):  # round -1 warms up
         shift = round_no % len(sides)
         for side in sides[shift:] + sides[:shift]:
-            sample = measure(side, round_no, args.burst, args.timeout)
+            pause = jitter.uniform(0, JITTER_SECONDS)
+            sample = measure(side, round_no, args.burst, args.timeout, pause)
             if round_no >= 0:
                 samples.append(sample)
         if round_no >= 0:
@@ -497,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20, help="bursts per side")
     parser.add_argument("--burst", type=int, default=10, help="inputs per burst")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per step, at most")
+    parser.add_argument("--seed", type=int, default=0, help="of the pauses before bursts")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--baseline-seconds", type=float, default=20.0)
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -540,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({verdict} the target {100 * TARGET_IDLE_SHARE:.0f} %); plain Celery node "
         f"{100 * idle['plain_node_main_process_share']:.2f} %, so the supervisor "
         f"{100 * idle['supervisor_share']:.2f} % ({idle['supervisor_turns_per_s'] or 0:.1f} "
-        "turns/s)"
+        f"turns/s, {idle['supervisor_cpu_ms_per_turn'] or 0:.2f} CPU ms a turn)"
     )
     print(
         f"idle containers: {100 * idle['containers_share_total']:.2f} % of a core together "
@@ -559,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": {
             "rounds_per_side": args.rounds,
             "burst_inputs": args.burst,
+            "pause_before_burst_s": f"uniform(0, {JITTER_SECONDS}), seed {args.seed}",
             "reaction": "time.monotonic() from just before the burst's first publish to the "
             "first input of the burst starting on a process that did not exist before it",
             "ours_function": spec_as_dict(app.tasks[OURS]),

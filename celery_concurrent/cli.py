@@ -13,10 +13,12 @@ from typing import Any
 
 import click
 from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
+from kombu.exceptions import OperationalError
 
 from .decorators import specs_of
 from .errors import ConfigurationError, UnknownFunctionError
 from .gpu import parse_gpu, unplaceable_reason
+from .redact import mask_urls, safe_url
 from .spec import FunctionSpec
 
 COLUMNS = (
@@ -33,7 +35,14 @@ COLUMNS = (
 def collect_status(app: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
     """One row per function, aggregated over every node that answers."""
     replies: dict[str, Any] = {}
-    for reply in app.control.broadcast("concurrent_status", reply=True, timeout=timeout) or []:
+    # A connection of its own: on Redis a pooled connection whose last broadcast timed out
+    # still has a BRPOP pending that swallows the next reply (every other refresh of
+    # --watch showed no node). A short BRPOP lets the connection close at once.
+    with app.connection_for_write(transport_options={"polling_interval": 0.05}) as conn:
+        answers = app.control.broadcast(
+            "concurrent_status", reply=True, timeout=timeout, connection=conn
+        )
+    for reply in answers or []:
         replies.update(reply)
     rows: dict[str, dict[str, Any]] = {}
     for node, reply in sorted(replies.items()):
@@ -149,7 +158,31 @@ def render_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...
     )
 
 
-@click.group(name="concurrent", cls=click.Group)
+class _ConcurrentGroup(click.Group):
+    """Turns an unreachable broker into a one-line error that shows no password."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            app = getattr(ctx.obj, "app", None)
+            if app is None or not isinstance(exc, _broker_errors(app)):
+                raise
+            url = app.conf.broker_write_url or app.conf.broker_url or ""
+            raise click.ClickException(
+                f"cannot use the broker at {safe_url(url)}: {mask_urls(str(exc))}"
+            ) from None
+
+
+def _broker_errors(app: Any) -> tuple[type[BaseException], ...]:
+    conn = app.connection_for_write()
+    try:
+        return (OperationalError, *conn.connection_errors, *conn.channel_errors)
+    finally:
+        conn.release()
+
+
+@click.group(name="concurrent", cls=_ConcurrentGroup)
 @click.pass_context
 @handle_preload_options
 def concurrent(ctx: click.Context) -> None:

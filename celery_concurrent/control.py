@@ -53,6 +53,11 @@ def concurrent_update(
     supervisor = _supervisor(state)
     if supervisor is None:
         return {"skip": "this node runs no celery-concurrent supervisor"}
+    # Anyone who can publish to the broker can send this: check the shapes first.
+    if not isinstance(function, str):
+        return {"error": f"function={function!r}: expected a task name"}
+    if bounds is not None and not isinstance(bounds, dict):
+        return {"error": f"bounds={bounds!r}: expected a mapping of bound names to values"}
     bounds = dict(bounds or {})
     unknown = sorted(set(bounds) - UPDATABLE)
     if not bounds:

@@ -42,17 +42,30 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port."""
+    """A throwaway ``redis-server`` on a free loopback port.
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    Parameters
+    ----------
+    password:
+        Require this password (``requirepass``); :attr:`url` then carries it.
+    """
+
+    def __init__(
+        self, port: int | None = None, binary: str | None = None, password: str | None = None
+    ) -> None:
         self.port = port or free_port()
         self.binary = binary or redis_server_binary()
+        self.password = password
         self.dir = tempfile.mkdtemp(prefix="cc-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password)
 
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
@@ -68,12 +81,13 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.dir,
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        client = redis.Redis(port=self.port)
+        client = self.client()
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -83,6 +97,20 @@ class RedisServer:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+    def restart(self, downtime: float = 0.0) -> None:
+        """Stop the server, keeping its data (``SHUTDOWN SAVE``, as a persistent broker
+        would), and start it again on the same port after ``downtime`` seconds."""
+        if self.proc is not None:
+            with contextlib.suppress(redis.ConnectionError):
+                self.client().shutdown(save=True)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                stop_process(self.proc)
+            self.proc = None
+        time.sleep(downtime)
+        self.start()
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -111,6 +111,24 @@ class RabbitRun:
             return conn.default_channel.queue_declare(name, passive=True).message_count
 
 
+def skip_unless_ci(message: str) -> None:
+    """Skip the test, except under CI=true, where what it needs must be there: fail."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_rabbitmq() -> None:
+    """Skip (fail under CI=true) unless this machine's RabbitMQ answers."""
+    from kombu import Connection
+
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001 - any failure means no usable broker
+        skip_unless_ci(f"no RabbitMQ reachable at {RABBITMQ_URL}: {exc}")
+
+
 @pytest.fixture
 def rabbitmq(broker_url: str, tmp_path: Path):
     """The RabbitMQ test app on this machine's broker, with queues unique to this test.
@@ -122,14 +140,7 @@ def rabbitmq(broker_url: str, tmp_path: Path):
 
     from kombu import Connection
 
-    try:
-        with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:  # noqa: BLE001 - any failure means no usable broker
-        message = f"no RabbitMQ reachable at {RABBITMQ_URL}: {exc}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require_rabbitmq()
     env = {
         "CC_RABBITMQ_URL": RABBITMQ_URL,
         "CC_RESULT_BACKEND": broker_url,
@@ -149,3 +160,147 @@ def rabbitmq(broker_url: str, tmp_path: Path):
                     conn.channel().queue_delete(name)
                 except Exception:  # noqa: BLE001 - a queue this test never declared
                     pass
+
+
+class FaultsRun:
+    """The reliability test app (``tests.apps.faults``) on one broker, and its workers.
+
+    Parameters
+    ----------
+    kind:
+        ``"redis"`` or ``"rabbitmq"``.
+    app:
+        The app module, reloaded for this broker.
+    broker:
+        The broker URL its workers use; the counts stay in the session's Redis.
+    """
+
+    APP = "tests.apps.faults"
+
+    def __init__(self, kind: str, app, broker: str, workers: Workers, env: dict[str, str]):
+        self.kind = kind
+        self.app = app
+        self.broker = broker
+        self.workers = workers
+        self.env = env
+
+    def start(self, *args: str, **kwargs):
+        return self.workers.start(self.APP, *args, env=self.env, **kwargs)
+
+    def node(self, *functions: str, extra=(), **kwargs):
+        """A node (``celery worker``) supervising ``functions`` of the app.
+
+        Its name is unique: on a RabbitMQ that other runs share, a second ``celery@host``
+        could not declare its exclusive control queue.
+        """
+        names = ",".join(getattr(self.app, f).name for f in functions)
+        name = f"faults{self.env['CC_QUEUE_SUFFIX']}@%h"
+        args = ("-c", "1", "-n", name, "--concurrent-functions", names, *extra)
+        return self.start(*args, **kwargs)
+
+    def cli(self, *args: str, timeout: float = 30):
+        """Run ``celery -A tests.apps.faults ARGS`` to completion (stdout, stderr, code)."""
+        import subprocess
+        import sys
+
+        from .support import ROOT
+
+        return subprocess.run(
+            [sys.executable, "-m", "celery", "-A", self.APP, *args],
+            cwd=ROOT,
+            env=self.workers.env(self.env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def queue(self, function: str) -> str:
+        from celery_concurrent import spec_of
+
+        spec = spec_of(getattr(self.app, function))
+        assert spec is not None
+        return spec.queue
+
+    def queue_length(self, function: str) -> int:
+        from kombu import Connection
+        from kombu.exceptions import ChannelError
+
+        with Connection(self.broker) as conn:
+            channel = conn.channel()
+            try:
+                return int(channel.queue_declare(self.queue(function), passive=True)[1])
+            except ChannelError:  # no such queue: nothing waits (as the supervisor reads it)
+                return 0
+            finally:
+                try:
+                    channel.close()
+                except Exception:  # noqa: BLE001 - AMQP closed it on the 404 already
+                    pass
+
+    def completed(self, key: str) -> int:
+        """How many distinct inputs with ``key`` finished (an input run twice counts once)."""
+        return int(self.app.recorder.store().scard(f"completed:{key}"))
+
+    def delete_queues(self) -> None:
+        from kombu import Connection
+
+        from celery_concurrent import specs_of
+
+        with Connection(self.broker) as conn:
+            for spec in specs_of(self.app.app).values():
+                channel = conn.channel()
+                try:
+                    channel.queue_delete(spec.queue)
+                except Exception:  # noqa: BLE001 - a queue this test never declared
+                    pass
+                finally:
+                    try:
+                        channel.close()
+                    except Exception:  # noqa: BLE001 - closed by the broker already
+                        pass
+
+
+@pytest.fixture
+def faults_on(broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Make :class:`FaultsRun`\\ s: ``faults_on("redis")``, ``faults_on("rabbitmq")``, or
+    ``faults_on("redis", broker=url)`` for a private Redis. Every worker is stopped and
+    every RabbitMQ queue deleted at the end.
+    """
+    import importlib
+    import uuid
+
+    runs: list[FaultsRun] = []
+
+    def make(kind: str, broker: str | None = None) -> FaultsRun:
+        if kind == "rabbitmq":
+            require_rabbitmq()
+            broker = broker or RABBITMQ_URL
+            suffix = uuid.uuid4().hex[:10]
+        else:
+            broker = broker or broker_url
+            suffix = ""
+        env = {"CC_FAULTS_BROKER": broker, "CC_QUEUE_SUFFIX": suffix, "CC_RESULT_BACKEND": broker_url}
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        from .apps import faults
+
+        run = FaultsRun(
+            kind, importlib.reload(faults), broker, Workers(broker_url, tmp_path / kind), env
+        )
+        run.workers.logdir.mkdir(exist_ok=True)
+        runs.append(run)
+        return run
+
+    try:
+        yield make
+    finally:
+        for run in runs:
+            run.workers.stop_all()
+            if run.kind == "rabbitmq":
+                run.delete_queues()
+
+
+@pytest.fixture(params=["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def faults(request: pytest.FixtureRequest, faults_on) -> FaultsRun:
+    """The reliability test app on each broker in turn."""
+    return faults_on(request.param)

@@ -12,7 +12,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import psutil
 
 from celery_concurrent.testing import RedisServer, free_port, redis_server_binary, stop_process
 
@@ -106,6 +108,25 @@ def wait_for(
             return value
         time.sleep(interval)
     raise AssertionError(f"{what} not met within {timeout}s")
+
+
+def row(app_module: Any, name: str) -> dict[str, Any]:
+    """The nodes' status row of ``name`` (asked again if a node was slow to answer)."""
+    from celery_concurrent.cli import collect_status
+
+    for _ in range(5):
+        for found in collect_status(app_module.app, timeout=0.5):
+            if found["function"] == name and found["nodes"]:
+                return found
+    raise AssertionError(f"no node reported {name}")
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process below ``pid`` (none once it is gone)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def thread_count(pid: int) -> int:

@@ -13,9 +13,7 @@ import psutil
 import pytest
 from celery import group
 
-from celery_concurrent.cli import collect_status
-
-from .support import wait_for
+from .support import descendants, row, wait_for
 
 APP = "tests.apps.scaling"
 BURST = f"{APP}.burst"
@@ -27,22 +25,6 @@ CRASHY = f"{APP}.crashy"
 
 def start_node(workers, *functions, extra=()):
     return workers.start(APP, "-c", "1", "--concurrent-functions", ",".join(functions), *extra)
-
-
-def row(app, name):
-    """The node's status row for ``name`` (asked again if the node was slow to answer)."""
-    for _ in range(5):
-        for found in collect_status(app.app, timeout=0.5):
-            if found["function"] == name and found["nodes"]:
-                return found
-    raise AssertionError(f"no node reported {name}")
-
-
-def descendants(pid):
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 def test_burst_scales_up_at_once_never_above_the_limit_and_back_to_keep_warm(

@@ -6,7 +6,8 @@ cancels the consumer while every slot is busy, so a container holds no message b
 its slots and the queue's length stays the true backlog. Inputs are accepted (and so
 acked) on the event loop's thread, right after the window shrank: the broker never sees
 a freed place in the old window, and the AMQP channel is used from one thread only.
-Redis containers use Celery's ``worker_disable_prefetch`` instead.
+Redis containers use Celery's ``worker_disable_prefetch`` instead, and ``acks_late``
+functions need no gate: their running inputs count against the window until they finish.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class PrefetchGate(bootsteps.StartStopStep):
 
     def __init__(self, consumer: Any, concurrent_function: str | None = None, **kwargs: Any):
         self.enabled = bool(concurrent_function)
+        self.function = concurrent_function
         self.consumer: Any = None
         self.consuming = True
         self.prefetch: int | None = None
@@ -34,6 +36,11 @@ class PrefetchGate(bootsteps.StartStopStep):
 
     def start(self, consumer: Any) -> None:
         if consumer.connection.transport.driver_type == "redis":
+            return
+        task = consumer.app.tasks.get(self.function)
+        if task is not None and task.acks_late:
+            # Its inputs stay unacknowledged while they run, so they fill the broker's
+            # window themselves: a prefetch of N already holds none beyond the slots.
             return
         slots = getattr(consumer.pool, "slots", None)
         if slots is None:

@@ -3,10 +3,15 @@
 A container started by a supervisor reports its in-flight count over a Unix datagram
 socket whenever it changes (and at least once a second), and watches the supervisor's
 PID: if the node's main process is killed, the container drains and exits by itself.
+On Redis the report also carries the delivery tags of the messages the container holds
+unacknowledged, so that its supervisor can put them back in the queue the moment the
+container dies (a SIGKILL, a segfault), not an hour later when the transport's
+``visibility_timeout`` expires.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +23,7 @@ from celery import bootsteps, signals
 from celery.utils.log import get_logger
 from celery.worker import state
 
+from ..redact import mask_urls
 from ..reports import LoadReport
 
 logger = get_logger(__name__)
@@ -28,6 +34,13 @@ IDENT_ENV = "CELERY_CONCURRENT_IDENT"
 
 #: a container whose supervisor died gets this long to drain before it exits hard
 ORPHAN_GRACE_SECONDS = 5.0
+#: the most delivery tags one report carries (about 39 bytes each): a datagram must stay
+#: under the socket's send buffer (208 KiB by default); tags beyond these fall back on
+#: the transport's ``visibility_timeout``
+MAX_HELD_TAGS = 4096
+#: reports carrying more tags than this are sent at most once per HELD_REPORT_INTERVAL
+HELD_REPORT_THRESHOLD = 64
+HELD_REPORT_INTERVAL = 0.01
 
 
 class LoadReporter(bootsteps.StartStopStep):
@@ -48,9 +61,18 @@ class LoadReporter(bootsteps.StartStopStep):
         self._processed = 0
         self._first_input_at = 0.0
         self._ready = False
+        self._held: tuple[str, ...] = ()
+        self.reports_held = False
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
+        # Only Redis needs the tags: AMQP brokers requeue a dead consumer's messages.
+        conn = worker.app.connection_for_read()
+        try:
+            self.reports_held = conn.transport.driver_type == "redis"
+        finally:
+            conn.release()
+        signals.task_received.connect(self._on_received, weak=False)
         signals.task_prerun.connect(self._on_prerun, weak=False)
         signals.task_postrun.connect(self._on_postrun, weak=False)
         signals.worker_ready.connect(self._on_ready, weak=False)
@@ -75,6 +97,9 @@ class LoadReporter(bootsteps.StartStopStep):
             }
         }
 
+    def _on_received(self, **_: Any) -> None:
+        self._changed.set()
+
     def _on_prerun(self, **_: Any) -> None:
         if not self._first_input_at:
             self._first_input_at = time.monotonic()
@@ -93,11 +118,18 @@ class LoadReporter(bootsteps.StartStopStep):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         busy_at = time.monotonic()
         orphaned_at: float | None = None
+        sent_at = 0.0
         try:
             while not self._stop.is_set():
                 self._changed.wait(0.5)
+                if len(self._held) > HELD_REPORT_THRESHOLD:
+                    # Coalesce a busy container's changes: a few hundred reports a
+                    # second at most, however fast its inputs come and go.
+                    self._stop.wait(max(0.0, sent_at + HELD_REPORT_INTERVAL - time.monotonic()))
                 self._changed.clear()
                 in_flight = len(state.reserved_requests)
+                if self.reports_held:
+                    self._held = held_tags() or self._held if in_flight else ()
                 now = time.monotonic()
                 if in_flight:
                     busy_at = now
@@ -109,11 +141,13 @@ class LoadReporter(bootsteps.StartStopStep):
                     ready=self._ready,
                     processed=self._processed,
                     first_input_at=self._first_input_at,
+                    held=self._held,
                 )
                 try:
                     sock.sendto(report.encode(), self.address)
                 except OSError:
                     pass  # the supervisor is gone or busy; the PID check decides
+                sent_at = time.monotonic()
                 if not self._supervisor_alive():
                     if orphaned_at is None:
                         orphaned_at = now
@@ -142,3 +176,46 @@ class LoadReporter(bootsteps.StartStopStep):
                 return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
         except OSError:
             return True
+
+
+def held_tags() -> tuple[str, ...] | None:
+    """Delivery tags of the messages this worker holds and has not acknowledged.
+
+    Those are its reserved inputs (running, or about to run) and those waiting for an
+    ETA; with ``acks_late`` a running input stays unacknowledged until it finishes.
+    """
+    for _ in range(3):
+        try:
+            requests = [*state.reserved_requests, *state.scheduled_requests]
+        except RuntimeError:  # the consumer's thread changed the set while we copied it
+            continue
+        tags: list[str] = []
+        for request in requests:
+            message = request.message
+            if not message.acknowledged and message.delivery_tag is not None:
+                tags.append(str(message.delivery_tag))
+                if len(tags) >= MAX_HELD_TAGS:
+                    break
+        return tuple(tags)
+    return None  # keep the last report's tags
+
+
+def report_startup_failure(error: BaseException) -> None:
+    """Tell the supervisor why this container cannot start, so its status can say so."""
+    address = os.environ.get(REPORT_ENV)
+    if not address:
+        return
+    if isinstance(error, SystemExit) and isinstance(error.code, str):
+        text = error.code
+    else:
+        text = f"{type(error).__name__}: {error}"
+    report = LoadReport(
+        ident=os.environ.get(IDENT_ENV) or str(os.getpid()),
+        pid=os.getpid(),
+        in_flight=0,
+        busy_at=time.monotonic(),
+        ready=False,
+        error=mask_urls(text)[:500],
+    )
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(report.encode(), address)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 from celery.utils.log import get_logger
 
 from ..decorators import specs_of
@@ -96,6 +96,13 @@ class SupervisorStep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         if self.supervisor is not None:
             self.supervisor.start()
+            signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
+
+    def _on_shutting_down(self, sender: Any = None, how: str = "", **_: Any) -> None:
+        # The node's own consumer takes a while to stop, and this step stops after it:
+        # the containers must stop taking inputs the moment a warm shutdown begins.
+        if how == "Warm" and self.supervisor is not None:
+            self.supervisor.begin_drain()
 
     def stop(self, worker: Any) -> None:
         if self.supervisor is not None:

@@ -18,7 +18,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..container.reporter import IDENT_ENV, REPORT_ENV, SUPERVISOR_PID_ENV
+from ..container.reporter import (
+    IDENT_ENV,
+    REPORT_ENV,
+    SUPERVISOR_PID_ENV,
+    report_startup_failure,
+)
 from ..spec import FunctionSpec
 
 
@@ -35,8 +40,9 @@ class ContainerLaunch:
     loglevel: str = "WARNING"
     logfile: str | None = None
     task_events: bool = False
-    #: settings the node's command line may have changed (broker URL, backend, ...)
-    conf: dict[str, Any] = field(default_factory=dict)
+    #: settings the node's command line may have changed (broker URL, backend, ...);
+    #: never in a repr, since the URLs may carry passwords
+    conf: dict[str, Any] = field(default_factory=dict, repr=False)
     env: dict[str, str] = field(default_factory=dict)
 
     def environ(self) -> dict[str, str]:
@@ -61,18 +67,22 @@ def run_container(launch: ContainerLaunch) -> None:
     os.environ.update(launch.environ())
     from celery.app.utils import find_app
 
-    app = find_app(launch.app_ref)
-    if launch.conf:
-        app.conf.update(launch.conf)
-    worker = app.Worker(
-        hostname=launch.hostname,
-        loglevel=launch.loglevel,
-        logfile=launch.logfile,
-        task_events=launch.task_events,
-        concurrent_function=launch.spec.name,
-        concurrent_ident=launch.ident,
-        quiet=True,
-    )
+    try:
+        app = find_app(launch.app_ref)
+        if launch.conf:
+            app.conf.update(launch.conf)
+        worker = app.Worker(
+            hostname=launch.hostname,
+            loglevel=launch.loglevel,
+            logfile=launch.logfile,
+            task_events=launch.task_events,
+            concurrent_function=launch.spec.name,
+            concurrent_ident=launch.ident,
+            quiet=True,
+        )
+    except BaseException as exc:
+        report_startup_failure(exc)  # the supervisor's status then says why
+        raise
     worker.start()
     sys.exit(worker.exitcode or 0)
 
@@ -168,17 +178,26 @@ class Launcher:
 
     def _exec(self, launch: ContainerLaunch) -> ContainerProcess:
         return _Execed(
-            subprocess.Popen(exec_command(launch), env={**os.environ, **launch.environ()})
+            subprocess.Popen(
+                exec_command(launch), env={**os.environ, **launch.environ(), **exec_env(launch)}
+            )
         )
+
+
+def exec_env(launch: ContainerLaunch) -> dict[str, str]:
+    """The URLs an exec'd container needs, in its environment: a command line is visible
+    to every user of the machine (``ps``), and the URLs may carry passwords."""
+    env = {}
+    if launch.conf.get("broker_url"):
+        env["CELERY_BROKER_URL"] = str(launch.conf["broker_url"])
+    if launch.conf.get("result_backend"):
+        env["CELERY_RESULT_BACKEND"] = str(launch.conf["result_backend"])
+    return env
 
 
 def exec_command(launch: ContainerLaunch) -> list[str]:
     """The ``celery worker`` command line of a container started by exec."""
     cmd = [sys.executable, "-m", "celery", "-A", launch.app_ref]
-    if "broker_url" in launch.conf:
-        cmd += ["-b", str(launch.conf["broker_url"])]
-    if launch.conf.get("result_backend"):
-        cmd += ["--result-backend", str(launch.conf["result_backend"])]
     cmd += ["worker", "-n", launch.hostname, "-l", launch.loglevel]
     cmd += ["--concurrent-function", launch.spec.name]
     if launch.spec.pool == "gevent":

@@ -157,6 +157,8 @@ class FunctionPool:
         delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (self.consecutive_crashes - 1))
         self.backoff_until = now + delay
         self.last_error = describe_exit(exitcode)
+        if container.report is not None and container.report.error:
+            self.last_error += f": {container.report.error}"
         return delay
 
     def record_healthy(self, now: float) -> None:

@@ -33,10 +33,13 @@ from .launcher import ContainerLaunch, Launcher
 from .policy import Decision, Observation, decide
 from .pool import Container, FunctionPool, lowest_free_ident
 from .probes import BacklogProbe
+from .redelivery import Redelivery
 
 logger = get_logger(__name__)
 
 DEFAULT_POLL_INTERVAL = 0.05
+#: a load report with the most delivery tags a container sends fits in this
+MAX_REPORT_BYTES = 256 * 1024
 #: a container that does not drain within this long after a node stop is killed
 DEFAULT_DRAIN_TIMEOUT = 300.0
 
@@ -88,15 +91,20 @@ class Supervisor:
                 )
         self.launcher = Launcher(settings.preload)
         self.probe = BacklogProbe(app)
+        self.redelivery = Redelivery(app)
+        #: (function, container ident, delivery tags) of dead containers, to give back
+        self._to_restore: list[tuple[str, str, tuple[str, ...]]] = []
         self._by_ident: dict[str, tuple[FunctionPool, Container]] = {}
         self._lock = threading.RLock()
         self._stopping = threading.Event()
+        self._draining = threading.Event()
         self._thread: threading.Thread | None = None
         self._dir = tempfile.mkdtemp(prefix="celery-concurrent-")
         self.address = os.path.join(self._dir, "reports.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(self.address)
         self._sock.setblocking(False)
+        self._report_buffer = bytearray(MAX_REPORT_BYTES)
         self._wake_r, self._wake_w = os.pipe()
         self.started_at = time.monotonic()
         self.turn_seconds = 0.0
@@ -110,14 +118,27 @@ class Supervisor:
         self._thread.daemon = True
         self._thread.start()
 
+    def begin_drain(self) -> None:
+        """Start no container and retire every one, now; :meth:`stop` waits for them.
+
+        Safe in a signal handler: the supervisor's thread does it on its next turn. The
+        node calls it as its warm shutdown begins, so that the containers stop taking
+        inputs at once, not after the node's own consumer has shut down.
+        """
+        self._draining.set()
+        self.wake()
+
+    def _retire_all(self, why: str) -> None:
+        for pool in self.pools.values():
+            for ident in list(pool.containers):
+                self._retire(pool, ident, why)
+
     def stop(self, timeout: float | None = None) -> None:
         """Drain every container and wait for them to exit."""
         self._halt()
         deadline = time.monotonic() + (self.settings.drain_timeout if timeout is None else timeout)
         with self._lock:
-            for pool in self.pools.values():
-                for ident in list(pool.containers):
-                    self._retire(pool, ident, "node stopping")
+            self._retire_all("node stopping")
         while time.monotonic() < deadline and self._any_running():
             self._reap(time.monotonic())
             time.sleep(0.05)
@@ -135,6 +156,7 @@ class Supervisor:
                 self._reap(time.monotonic())
                 time.sleep(0.02)
         self.probe.close()
+        self.redelivery.close()
         self._sock.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -177,6 +199,9 @@ class Supervisor:
     def turn(self, now: float) -> None:
         self._read_reports()
         self._reap(now)
+        if self._draining.is_set():
+            self._retire_all("node stopping")
+            return
         for pool in self.pools.values():
             backlog = self.probe.backlog(pool.spec.queue)
             if backlog is None:
@@ -303,6 +328,7 @@ class Supervisor:
                 code = container.process.exitcode()
                 if code is None:
                     continue
+                self._read_reports()  # what it said last, its held inputs included
                 del pool.containers[ident]
                 self._by_ident.pop(ident, None)
                 self.devices.release(ident)
@@ -317,18 +343,49 @@ class Supervisor:
                 pool.record_event(
                     pool.live + 1, pool.live, f"crash: {pool.last_error}", decided=False
                 )
+                self._give_back(pool, ident, container)
             for ident, container in list(pool.retiring.items()):
-                if container.process.exitcode() is not None:
+                code = container.process.exitcode()
+                if code is not None:
                     del pool.retiring[ident]
                     self._by_ident.pop(ident, None)
                     self.devices.release(ident)
+                    if code != 0:  # a clean warm shutdown gave back what it held
+                        self._give_back(pool, ident, container)
+        self._restore_held()
+
+    def _give_back(self, pool: FunctionPool, ident: str, container: Container) -> None:
+        held = container.report.held if container.report is not None else ()
+        if held:
+            self._to_restore.append((pool.spec.name, ident, held))
+
+    def _restore_held(self) -> None:
+        """Put dead containers' unacknowledged inputs back now, not after visibility_timeout."""
+        while self._to_restore:
+            name, ident, tags = self._to_restore[0]
+            try:
+                restored = self.redelivery.restore(tags)
+            except Exception:  # noqa: BLE001 - never retried: the loop must go on
+                logger.exception("%s: cannot give back the inputs of container %s", name, ident)
+                restored = 0
+            if restored is None:
+                return  # the broker is unreachable: the next turn tries again
+            self._to_restore.pop(0)
+            if restored:
+                logger.warning(
+                    "%s: put %d unacknowledged input(s) of container %s back in the queue",
+                    name,
+                    restored,
+                    ident,
+                )
 
     def _read_reports(self) -> None:
         while True:
             try:
-                data = self._sock.recv(65536)
+                size = self._sock.recv_into(self._report_buffer)
             except (BlockingIOError, OSError):
                 return
+            data = bytes(self._report_buffer[:size])
             try:
                 report = LoadReport.decode(data)
             except (ValueError, TypeError):

@@ -1,0 +1,84 @@
+"""Give a dead container's unacknowledged inputs back to their queue at once (Redis).
+
+kombu's Redis transport emulates acknowledgements: a delivered message waits in the
+``unacked`` hash (indexed by the ``unacked_index`` sorted set) until its consumer
+acknowledges it, and a consumer that dies never does. kombu puts such messages back only
+once they are older than the transport's ``visibility_timeout`` (one hour by default).
+A container's load reports carry the delivery tags it holds, so when one dies the
+supervisor restores exactly those, with kombu's own ``restore_by_tag``: a WATCH/MULTI
+transaction that is a no-op for a tag already acknowledged or restored. AMQP brokers
+requeue a dead consumer's messages by themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+from celery.utils.log import get_logger
+from kombu.exceptions import OperationalError
+
+logger = get_logger(__name__)
+
+
+class Redelivery:
+    """Restores delivery tags over a broker connection of its own, made when first needed."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._conn: Any = None
+        self._channel: Any = None
+        self._needed: bool | None = None
+
+    @property
+    def needed(self) -> bool:
+        """Whether the broker leaves a dead consumer's messages unacknowledged (Redis)."""
+        if self._needed is None:
+            conn = self.app.connection_for_read()
+            try:
+                self._needed = conn.transport.driver_type == "redis"
+            finally:
+                conn.release()
+        return self._needed
+
+    def restore(self, tags: Sequence[str]) -> int | None:
+        """Put the messages of ``tags`` back at the head of their queues.
+
+        Returns how many were still unacknowledged (and so are back now), or ``None``
+        when the broker cannot be reached; the caller then tries again later.
+        """
+        if not tags or not self.needed:
+            return 0
+        try:
+            channel = self._ensure_channel()
+            # The channel's own key names: transport options may rename them.
+            waiting = channel.client.hmget(channel.unacked_key, list(tags))
+            for tag, payload in zip(tags, waiting, strict=True):
+                if payload is not None:
+                    channel.qos.restore_by_tag(tag)
+        except self._connection_errors:
+            self.close()
+            return None
+        return sum(payload is not None for payload in waiting)
+
+    @property
+    def _connection_errors(self) -> tuple[type[BaseException], ...]:
+        conn = self._conn or self.app.connection_for_read()
+        return (OperationalError, *conn.connection_errors, ConnectionError, OSError)
+
+    def _ensure_channel(self) -> Any:
+        if self._channel is None:
+            self._conn = self.app.connection_for_read()
+            self._conn.ensure_connection(max_retries=1, interval_start=0)
+            self._channel = self._conn.channel()
+        return self._channel
+
+    def close(self) -> None:
+        self._channel = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:  # noqa: BLE001 - tearing down a broken connection
+                pass

@@ -1,0 +1,270 @@
+"""What a newcomer runs: ``make demo`` and every example, end to end, as subprocesses.
+
+Each run carries a token in its environment, which every process it starts inherits
+(Redis, nodes, containers, Flower): after it exits, no live process may carry the token.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .support import ROOT
+
+TOKEN_ENV = "CC_EXAMPLE_RUN"
+RABBITMQ_URL = os.environ.get("CC_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def processes_carrying(token: str) -> dict[int, str]:
+    """Live processes whose environment holds ``TOKEN_ENV=token``: pid -> command line."""
+    marker = f"{TOKEN_ENV}={token}".encode()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                if marker not in environ.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                found[int(entry)] = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile, or a zombie
+    return found
+
+
+class ExampleRun:
+    """``python -m MODULE ARGS`` in a session of its own, with its output read line by line."""
+
+    def __init__(self, module: str, *args: str, env: dict[str, str | None] | None = None) -> None:
+        self.token = uuid.uuid4().hex
+        environ = {**os.environ, "PYTHONPATH": str(ROOT), TOKEN_ENV: self.token}
+        for key, value in (env or {}).items():
+            if value is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = value
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_line(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no line with {text!r}:\n{self.output[-4000:]}")
+
+    def finish(self, timeout: float) -> int:
+        """Wait for the exit; then no process it started may be left."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            self._reader.join(5)
+            while not self._queue.empty():
+                line = self._queue.get_nowait()
+                if line is not None:
+                    self.lines.append(line)
+            self.stop()
+        assert self.proc.returncode is not None, f"still running after {timeout}s"
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        """Kill the run and whatever it left (by PID), and say what was left."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        # Processes killed with their group are reaped by init a moment later.
+        left = {}
+        for _ in range(30):
+            left = processes_carrying(self.token)
+            if not left:
+                return
+            time.sleep(0.1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        raise AssertionError(f"processes left running: {left}\n{self.output[-3000:]}")
+
+
+def run_example(module: str, *args: str, timeout: float = 90, **env: str | None) -> str:
+    run = ExampleRun(module, *args, env=env)
+    code = run.finish(timeout)
+    assert code == 0, run.output[-4000:]
+    return run.output
+
+
+def last_json(output: str) -> list:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+# --- make demo -------------------------------------------------------------------------------
+
+EMBEDDED = {"CELERY_BROKER_URL": None, "CELERY_RESULT_BACKEND": None}
+
+
+def test_demo_runs_on_an_embedded_redis_scales_up_and_down_and_leaves_nothing_running():
+    output = run_example("examples.demo", "--quick", timeout=120, **EMBEDDED)
+    assert "broker and results: embedded Redis on redis://127.0.0.1:" in output
+    assert "Flower:   http://127.0.0.1:" in output
+    assert "examples.app.fetch: 1 -> 2 containers" in output  # the scale-up
+    assert "idle for scaledown_window 5s" in output  # the scale-down
+    summary = output[output.index("summary") :]
+    assert "inputs          240 (40 fetch, 200 ask), all done" in summary
+    assert "examples.app.fetch   peak 2 containers" in summary
+    assert "back to keep_warm=1" in summary and "back to keep_warm=0" in summary
+
+
+def test_ctrl_c_stops_the_demo_and_every_process_it_started():
+    run = ExampleRun("examples.demo", env=EMBEDDED)
+    try:
+        run.wait_for_line("burst:", 60)
+        os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal sends its foreground group
+    finally:
+        code = run.finish(60)
+    assert code == 130, run.output[-3000:]
+    assert "interrupted: every process the demo started is stopped" in run.output
+
+
+def test_demo_on_rabbitmq_keeps_results_in_an_embedded_redis(tmp_path: Path):
+    from kombu import Connection
+
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+            # A leftover from an earlier run in the demo's queue is purged at its start.
+            conn.SimpleQueue("concurrent.examples.app.fetch").put("a leftover")
+    except Exception as exc:  # noqa: BLE001 - any failure means no usable broker
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"no RabbitMQ at {RABBITMQ_URL}: {exc}")
+        pytest.skip(f"no RabbitMQ at {RABBITMQ_URL}: {exc}")
+    output = run_example(
+        "examples.demo",
+        "--quick",
+        timeout=120,
+        CELERY_BROKER_URL=RABBITMQ_URL,
+        CELERY_RESULT_BACKEND=None,
+    )
+    assert "broker: amqp://guest:**@127.0.0.1:5672//" in output
+    assert "results: embedded Redis on redis://127.0.0.1:" in output
+    assert "inputs          240 (40 fetch, 200 ask), all done" in output
+
+
+# --- examples/ -------------------------------------------------------------------------------
+
+
+def test_io_bound_example_runs_its_calls_concurrently_in_sync_and_async_containers(broker_url):
+    rows = {
+        r["function"].rsplit(".", 1)[1]: r
+        for r in last_json(run_example("examples.io_bound", "--quick", "--json"))
+    }
+    assert rows["get_plain"]["peak_at_once"] == 2  # the node's pool: -c 2
+    assert rows["get_sync"]["peak_at_once"] == 20  # 20 threads: all 20 calls at once
+    assert rows["get_async"]["peak_at_once"] == 20
+    assert rows["get_async"]["calls_per_s"] > 1.5 * rows["get_plain"]["calls_per_s"]
+
+
+def test_batching_example_throughput_rises_with_allow_concurrent_inputs(broker_url):
+    rows = last_json(run_example("examples.batching", "--quick", "--json"))
+    assert [r["allow_concurrent_inputs"] for r in rows] == [1, 8, 32]
+    assert [round(r["mean_batch"]) for r in rows][0] == 1
+    assert rows[1]["mean_batch"] > 4 and rows[2]["mean_batch"] > rows[1]["mean_batch"]
+    throughput = [r["inputs_per_s"] for r in rows]
+    assert throughput[0] * 2 < throughput[1] < throughput[2], throughput
+
+
+def test_gpu_example_runs_only_on_the_simulated_gpu_node_one_device_per_container(broker_url):
+    report = last_json(
+        run_example(
+            "examples.gpu_embeddings", "--gpus", "0:A100,1:A100", "--batches", "16", "--json"
+        )
+    )
+    assert report["queue"] == "concurrent.gpu.examples.gpu_embeddings.app.embed"
+    devices = {}
+    for answer in report["answers"]:
+        devices.setdefault(answer["container"], set()).add(answer["cuda_visible_devices"])
+    assert all("-gpu-" in name for name in devices), devices  # never the cpu@ node
+    assert all(len(seen) == 1 for seen in devices.values()), devices
+    held = [device for seen in devices.values() for device in seen]
+    assert len(held) == len(set(held)), devices  # no device shared by two containers
+
+
+def test_gpu_example_says_it_needs_a_gpu_node_where_there_is_none():
+    from celery_concurrent.gpu import GPUS_ENV, detect_gpus
+
+    if detect_gpus():
+        pytest.skip("this machine has a GPU")
+    run = ExampleRun("examples.gpu_embeddings", env={GPUS_ENV: None})
+    assert run.finish(30) == 2
+    assert 'asks for gpu="any": only a node with a GPU runs it' in run.output
+    assert '--gpus "0:A100,1:A100"' in run.output
+
+
+def test_existing_project_differs_only_by_the_import_and_the_decorator():
+    folder = ROOT / "examples" / "existing_project"
+    before = (folder / "before.py").read_text().splitlines()
+    after = (folder / "after.py").read_text().splitlines()
+    changes = [
+        line for line in difflib.ndiff(before, after) if line[:2] in ("- ", "+ ") and line[2:]
+    ]
+    assert changes == [
+        "+ from celery_concurrent import concurrent",
+        "+ @concurrent(allow_concurrent_inputs=20, concurrency_limit=4)",
+    ]
+
+
+def test_existing_project_after_the_decorator_runs_the_slow_task_in_containers(broker_url):
+    before, after = last_json(run_example("examples.existing_project", "--quick", "--json"))
+    assert before["queue"] == "celery"
+    assert after["queue"] == "concurrent.examples.existing_project.after.quote_shipping"
+    assert before["receipt"] == after["receipt"] == "receipt for order 1 sent"
+    assert after["calls_per_s"] > before["calls_per_s"]
+
+
+def test_every_example_is_run_by_a_test_here():
+    runnable = {f"examples.{p.parent.name}" for p in (ROOT / "examples").glob("*/__main__.py")}
+    source = Path(__file__).read_text()
+    assert len(runnable) == 4
+    assert {module for module in runnable if f'"{module}"' not in source} == set()
