@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -34,6 +35,11 @@ COLUMNS = (
 
 def collect_status(app: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
     """One row per function, aggregated over every node that answers."""
+    return merge_status(ask_nodes(app, timeout), specs_of(app).values())
+
+
+def ask_nodes(app: Any, timeout: float) -> dict[str, Any]:
+    """Every answering node's ``concurrent_status`` reply, by node name."""
     replies: dict[str, Any] = {}
     # A connection of its own: on Redis a pooled connection whose last broadcast timed out
     # still has a BRPOP pending that swallows the next reply (every other refresh of
@@ -44,6 +50,13 @@ def collect_status(app: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
         )
     for reply in answers or []:
         replies.update(reply)
+    return replies
+
+
+def merge_status(
+    replies: dict[str, Any], specs: Iterable[FunctionSpec] = ()
+) -> list[dict[str, Any]]:
+    """Merge the nodes' rows into one per function; functions no node serves get a row too."""
     rows: dict[str, dict[str, Any]] = {}
     for node, reply in sorted(replies.items()):
         for row in reply.get("functions", []):
@@ -77,7 +90,7 @@ def collect_status(app: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
         if merged.get("gpu") and merged.get("placeable") is False:
             # Every node that answered serves it, and none has the devices it asks for.
             merged["error"] = unplaceable_reason(parse_gpu(merged["gpu"]) or ())
-    for spec in specs_of(app).values():
+    for spec in specs:
         rows.setdefault(spec.name, _unserved_row(spec))
     return [rows[name] for name in sorted(rows)]
 

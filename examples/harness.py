@@ -92,20 +92,21 @@ class Stack:
         self.close()
 
     def close(self) -> None:
-        """Stop every process, newest first; a second Ctrl-C meanwhile skips the grace period."""
+        """Stop every process, newest first; Ctrl-C or SIGTERM meanwhile skip the grace period."""
         hurry = threading.Event()
         if _in_main_thread():
-            previous = signal.signal(signal.SIGINT, lambda *_: hurry.set())
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._handlers.setdefault(signum, signal.getsignal(signum))
+                signal.signal(signum, lambda *_: hurry.set())
         try:
             if self.flower is not None:
                 self.flower.stop()
-            for node in reversed(self.nodes):
-                stop_node(node, NODE_STOP_GRACE, hurry)
+            while self.nodes:
+                stop_node(self.nodes.pop(), NODE_STOP_GRACE, hurry)
             if self.redis is not None:
                 self.redis.stop()
         finally:
             if _in_main_thread():
-                signal.signal(signal.SIGINT, previous)
                 for signum, handler in self._handlers.items():
                     signal.signal(signum, handler)
             self._handlers.clear()

@@ -198,7 +198,7 @@ class FaultsRun:
         args = ("-c", "1", "-n", name, "--concurrent-functions", names, *extra)
         return self.start(*args, **kwargs)
 
-    def cli(self, *args: str, timeout: float = 30):
+    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 30):
         """Run ``celery -A tests.apps.faults ARGS`` to completion (stdout, stderr, code)."""
         import subprocess
         import sys
@@ -208,7 +208,7 @@ class FaultsRun:
         return subprocess.run(
             [sys.executable, "-m", "celery", "-A", self.APP, *args],
             cwd=ROOT,
-            env=self.workers.env(self.env),
+            env=self.workers.env({**self.env, **(env or {})}),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -279,7 +279,11 @@ def faults_on(broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         else:
             broker = broker or broker_url
             suffix = ""
-        env = {"CC_FAULTS_BROKER": broker, "CC_QUEUE_SUFFIX": suffix, "CC_RESULT_BACKEND": broker_url}
+        env = {
+            "CC_FAULTS_BROKER": broker,
+            "CC_QUEUE_SUFFIX": suffix,
+            "CC_RESULT_BACKEND": broker_url,
+        }
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         from .apps import faults

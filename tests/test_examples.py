@@ -6,6 +6,7 @@ Each run carries a token in its environment, which every process it starts inher
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -130,7 +131,8 @@ class ExampleRun:
 
 
 def run_example(module: str, *args: str, timeout: float = 90, **env: str | None) -> str:
-    run = ExampleRun(module, *args, env=env)
+    """Run an example to its end; it must exit 0. Results go to its broker unless ``env`` says."""
+    run = ExampleRun(module, *args, env={"CELERY_RESULT_BACKEND": None, **env})
     code = run.finish(timeout)
     assert code == 0, run.output[-4000:]
     return run.output
@@ -142,6 +144,7 @@ def last_json(output: str) -> list:
 
 # --- make demo -------------------------------------------------------------------------------
 
+DEMO_QUEUES = ("concurrent.examples.app.fetch", "concurrent.examples.app.ask")
 EMBEDDED = {"CELERY_BROKER_URL": None, "CELERY_RESULT_BACKEND": None}
 
 
@@ -168,25 +171,33 @@ def test_ctrl_c_stops_the_demo_and_every_process_it_started():
     assert "interrupted: every process the demo started is stopped" in run.output
 
 
-def test_demo_on_rabbitmq_keeps_results_in_an_embedded_redis(tmp_path: Path):
+def test_demo_on_rabbitmq_keeps_results_in_an_embedded_redis():
     from kombu import Connection
 
     try:
         with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
             conn.ensure_connection(max_retries=1)
-            # A leftover from an earlier run in the demo's queue is purged at its start.
-            conn.SimpleQueue("concurrent.examples.app.fetch").put("a leftover")
+            # What an earlier run may leave in the demo's queue: it purges it at its start.
+            conn.SimpleQueue(DEMO_QUEUES[0]).put("a leftover")
     except Exception as exc:  # noqa: BLE001 - any failure means no usable broker
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"no RabbitMQ at {RABBITMQ_URL}: {exc}")
         pytest.skip(f"no RabbitMQ at {RABBITMQ_URL}: {exc}")
-    output = run_example(
-        "examples.demo",
-        "--quick",
-        timeout=120,
-        CELERY_BROKER_URL=RABBITMQ_URL,
-        CELERY_RESULT_BACKEND=None,
-    )
+    try:
+        output = run_example(
+            "examples.demo",
+            "--quick",
+            timeout=120,
+            CELERY_BROKER_URL=RABBITMQ_URL,
+            CELERY_RESULT_BACKEND=None,
+        )
+    finally:
+        with Connection(RABBITMQ_URL) as conn:
+            for name in DEMO_QUEUES:  # RabbitMQ keeps them: leave nothing behind
+                with contextlib.suppress(Exception):  # never declared if the run failed early
+                    conn.channel().queue_delete(name)
+                with contextlib.suppress(Exception):
+                    conn.channel().exchange_delete(name)
     assert "broker: amqp://guest:**@127.0.0.1:5672//" in output
     assert "results: embedded Redis on redis://127.0.0.1:" in output
     assert "inputs          240 (40 fetch, 200 ask), all done" in output

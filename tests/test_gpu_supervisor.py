@@ -7,14 +7,13 @@ merges what the nodes say. Real nodes and containers are in ``test_gpu_nodes.py`
 from __future__ import annotations
 
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from celery import Celery
 
 from celery_concurrent import FunctionSpec
-from celery_concurrent.cli import collect_status
+from celery_concurrent.cli import merge_status
 from celery_concurrent.gpu import GpuDevice, parse_gpu_override
 from celery_concurrent.reports import LoadReport
 from celery_concurrent.supervisor.launcher import ContainerLaunch
@@ -59,6 +58,9 @@ class FakeProbe:
 
     def backlog(self, queue: str) -> int:
         return self.backlog_of.get(queue, 0)
+
+    def backlogs(self, queues: list[str]) -> dict[str, int | None]:
+        return {queue: self.backlog(queue) for queue in queues}
 
     def close(self) -> None:
         pass
@@ -219,11 +221,7 @@ def test_cpu_functions_on_a_gpu_node_see_no_device(node):
 
 
 def status_of(*rows_by_node: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    replies = [{node: {"functions": [row]}} for node, row in rows_by_node]
-    app = SimpleNamespace(
-        control=SimpleNamespace(broadcast=lambda *args, **kwargs: replies), tasks={}
-    )
-    return collect_status(app)
+    return merge_status({node: {"functions": [row]} for node, row in rows_by_node})
 
 
 def node_row(gpu: list[str] | None, placeable: bool, devices: dict[str, list[str]]):

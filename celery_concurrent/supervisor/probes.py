@@ -1,8 +1,9 @@
 """Probes: the backlog of a function's queue, read from the broker.
 
-On Redis, kombu's passive ``queue_declare`` is ``LLEN`` over the queue and its priority
-sub-queues; on RabbitMQ it is the broker's own message count. Containers never hold a
-message beyond their free slots, so this is the true backlog.
+On Redis it is ``LLEN`` over the queue and its priority sub-queues, every function's
+queues in one pipelined round trip per turn; on RabbitMQ it is a passive
+``queue_declare``, the broker's own message count. Containers never hold a message
+beyond their free slots, so this is the true backlog.
 """
 
 from __future__ import annotations
@@ -59,6 +60,47 @@ class BacklogProbe:
                 conn.release()
         return self._errors
 
+    def backlogs(self, queues: list[str]) -> dict[str, int | None]:
+        """The backlog of each queue (``None`` for all while the broker is unreachable)."""
+        now = time.monotonic()
+        if self.unreachable_since is not None and now < self._retry_at:
+            return dict.fromkeys(queues)
+        try:
+            channel = self._ensure_channel()
+            is_redis = self._conn.transport.driver_type == "redis"
+        except self.connection_errors as exc:
+            self._unreachable(now, exc)
+            return dict.fromkeys(queues)
+        if not is_redis:
+            return {queue: self.backlog(queue) for queue in queues}
+        try:
+            counts = _redis_lengths(channel, queues)
+        except self.connection_errors as exc:
+            self._unreachable(now, exc)
+            return dict.fromkeys(queues)
+        self._reachable(now)
+        return counts
+
+    def _unreachable(self, now: float, exc: BaseException) -> None:
+        self.close()
+        self._retry_at = now + RECONNECT_INTERVAL
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+            # Once per outage, not once a turn.
+            logger.warning(
+                "celery-concurrent: the broker is unreachable (%s); scaling paused, "
+                "the containers keep running",
+                mask_urls(str(exc)),
+            )
+
+    def _reachable(self, now: float) -> None:
+        if self.unreachable_since is not None:
+            logger.warning(
+                "celery-concurrent: the broker is reachable again after %.1fs; scaling resumed",
+                now - self.unreachable_since,
+            )
+            self.unreachable_since = None
+
     def backlog(self, queue: str) -> int | None:
         """Messages waiting in ``queue``; 0 if it does not exist, ``None`` if unreachable."""
         now = time.monotonic()
@@ -73,23 +115,9 @@ class BacklogProbe:
                 self._reset_channel()
             count = 0
         except self.connection_errors as exc:
-            self.close()
-            self._retry_at = now + RECONNECT_INTERVAL
-            if self.unreachable_since is None:
-                self.unreachable_since = now
-                # Once per outage, not once a turn.
-                logger.warning(
-                    "celery-concurrent: the broker is unreachable (%s); scaling paused, "
-                    "the containers keep running",
-                    mask_urls(str(exc)),
-                )
+            self._unreachable(now, exc)
             return None
-        if self.unreachable_since is not None:
-            logger.warning(
-                "celery-concurrent: the broker is reachable again after %.1fs; scaling resumed",
-                now - self.unreachable_since,
-            )
-            self.unreachable_since = None
+        self._reachable(now)
         return int(count)
 
     def _reset_channel(self) -> None:
@@ -108,3 +136,20 @@ class BacklogProbe:
                 conn.release()
             except Exception:  # noqa: BLE001 - tearing down a broken connection
                 pass
+
+
+def _redis_lengths(channel: Any, queues: list[str]) -> dict[str, int | None]:
+    """``LLEN`` of each queue and its priority sub-queues, named as kombu's Redis
+    transport names them, in one pipelined round trip."""
+    keys = {
+        queue: [
+            queue if not step else f"{queue}{channel.sep}{step}" for step in channel.priority_steps
+        ]
+        for queue in queues
+    }
+    with channel.client.pipeline(transaction=False) as pipe:
+        for names in keys.values():
+            for name in names:
+                pipe.llen(name)
+        lengths = iter(pipe.execute())
+    return {queue: sum(next(lengths) for _ in names) for queue, names in keys.items()}

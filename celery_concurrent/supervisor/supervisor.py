@@ -202,8 +202,9 @@ class Supervisor:
         if self._draining.is_set():
             self._retire_all("node stopping")
             return
+        backlogs = self.probe.backlogs([pool.spec.queue for pool in self.pools.values()])
         for pool in self.pools.values():
-            backlog = self.probe.backlog(pool.spec.queue)
+            backlog = backlogs[pool.spec.queue]
             if backlog is None:
                 continue  # broker unreachable: keep what runs, decide nothing
             pool.backlog = backlog
