@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LINTED := celery_concurrent tests benchmarks examples docs
 
-.PHONY: venv test lint demo bench format clean
+.PHONY: venv test soak lint demo bench format clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# 50,000 inputs through scale-up and scale-down cycles, per broker (a few minutes)
+soak: venv
+	$(PY) -m pytest -q -s -m slow tests/test_soak.py $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff format --check $(LINTED)

@@ -13,8 +13,10 @@ process, with the life stamps of that process (forked, worker created, consumer 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
 import time
 
 import redis
@@ -28,6 +30,9 @@ BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 PLAIN_QUEUE = "bench.plain"
 #: The queue of the plain task that Celery's ``--autoscale`` worker consumes.
 REACTION_PLAIN_QUEUE = "bench.reaction.plain"
+#: The queues of the plain workers the burst and density benchmarks compare with.
+BURST_QUEUE = "bench.burst.plain"
+DENSITY_QUEUE = "bench.density.plain"
 
 app = Celery("benchmarks", broker=BROKER)
 app.conf.update(
@@ -37,6 +42,8 @@ app.conf.update(
     task_routes={
         "benchmarks.apps.plain_noop": {"queue": PLAIN_QUEUE},
         "benchmarks.apps.reaction_plain": {"queue": REACTION_PLAIN_QUEUE},
+        "benchmarks.apps.burst_plain": {"queue": BURST_QUEUE},
+        "benchmarks.apps.density_blocking": {"queue": DENSITY_QUEUE},
     },
 )
 
@@ -132,3 +139,87 @@ def idle_sync() -> None:
 @concurrent(max_inputs=100, min_containers=1)
 async def idle_async() -> None:
     pass
+
+
+# -- burst, density and scale-down (bench_burst, bench_density, bench_scaledown) ------
+
+#: Per-run tallies kept in the worker process: key -> [done, first start, last finish].
+#: The density run's inputs write theirs to Redis every ``every`` inputs and at the
+#: last one, so that 10,000 inputs do not pay 10,000 Redis round trips on the event loop
+#: they are measuring.
+_TALLIES: dict[str, list[float]] = {}
+_TALLY_LOCK = threading.Lock()
+
+# Merge one process's tally into the run's: add the count, keep the earliest start and
+# the latest finish (several containers, or threads, report on one run).
+_MERGE = """
+local done = redis.call('INCRBY', KEYS[1], ARGV[1])
+local first = redis.call('GET', KEYS[2])
+if not first or tonumber(first) > tonumber(ARGV[2]) then redis.call('SET', KEYS[2], ARGV[2]) end
+local last = redis.call('GET', KEYS[3])
+if not last or tonumber(last) < tonumber(ARGV[3]) then redis.call('SET', KEYS[3], ARGV[3]) end
+return done
+"""
+
+
+def record(key: str, total: int, started: float, every: int = 1) -> None:
+    """Count one finished input of a run that started at ``started`` (``time.time()``).
+
+    Redis then holds ``<key>:done``, ``<key>:first_start`` (the earliest start) and
+    ``<key>:last_finish`` (the latest finish). With ``every > 1`` this process adds its
+    share every ``every`` inputs and when its count reaches ``total`` (use it only where
+    one process runs the whole run).
+    """
+    finished = time.time()
+    with _TALLY_LOCK:
+        mine = _TALLIES.setdefault(key, [0, started, finished])
+        mine[0] += 1
+        mine[1] = min(mine[1], started)
+        mine[2] = max(mine[2], finished)
+        if mine[0] % every and mine[0] != total:
+            return
+        done, first, last = _TALLIES.pop(key)
+    keys = (f"{key}:done", f"{key}:first_start", f"{key}:last_finish")
+    store().eval(_MERGE, 3, *keys, int(done), repr(first), repr(last))
+
+
+#: Scenario 1: the I/O-bound burst (``bench_burst``), N=100 and at most 4 containers.
+BURST_MAX_INPUTS = 100
+BURST_MAX_CONTAINERS = 4
+
+
+@app.task(ignore_result=True)
+@concurrent(max_inputs=BURST_MAX_INPUTS, max_containers=BURST_MAX_CONTAINERS, scaledown_window=1)
+def burst_ours(key: str, total: int, seconds: float) -> None:
+    started = time.time()
+    time.sleep(seconds)
+    record(key, total, started)
+
+
+@app.task(ignore_result=True)
+def burst_plain(key: str, total: int, seconds: float) -> None:
+    started = time.time()
+    time.sleep(seconds)
+    record(key, total, started)
+
+
+#: Scenario 4: async density (``bench_density``), N=10,000 in one container.
+DENSITY_MAX_INPUTS = 10_000
+#: how often a density input adds its process's tally to Redis
+DENSITY_EVERY = 500
+
+
+@app.task(ignore_result=True)
+@concurrent(max_inputs=DENSITY_MAX_INPUTS, max_containers=1, min_containers=1)
+async def density_ours(key: str, total: int, seconds: float) -> None:
+    started = time.time()
+    await asyncio.sleep(seconds)
+    record(key, total, started, DENSITY_EVERY)
+
+
+@app.task(ignore_result=True)
+def density_blocking(key: str, total: int, seconds: float) -> None:
+    """The way Celery runs a coroutine today: a pool thread blocks on an event loop."""
+    started = time.time()
+    asyncio.run(asyncio.sleep(seconds))
+    record(key, total, started, DENSITY_EVERY)

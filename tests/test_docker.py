@@ -8,6 +8,7 @@ fails here rather than in a container.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shlex
@@ -110,11 +111,19 @@ def test_every_image_is_built_from_a_context_and_dockerfile_that_exist():
     for name, (context, dockerfile) in built.items():
         assert context == ROOT, name
         assert dockerfile.is_file(), name
+        ignored = [
+            line.strip()
+            for line in (context / ".dockerignore").read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
         for instruction, args in dockerfile_instructions(dockerfile):
             if instruction == "COPY" and not args.startswith("--from"):
                 *sources, _destination = args.split()
                 for source in sources:
                     assert (context / source).exists(), f"{name}: COPY {source}: not in {context}"
+                    assert not any(fnmatch.fnmatch(source, p) for p in ignored), (
+                        f"{name}: COPY {source}: .dockerignore leaves it out of the context"
+                    )
 
 
 def test_the_images_default_command_is_a_real_node_command():

@@ -149,7 +149,7 @@ EMBEDDED = {"CELERY_BROKER_URL": None, "CELERY_RESULT_BACKEND": None}
 
 
 def test_demo_runs_on_an_embedded_redis_scales_up_and_down_and_leaves_nothing_running():
-    output = run_example("examples.demo", "--quick", timeout=120, **EMBEDDED)
+    output = run_example("examples.demo", "--quick", timeout=100, **EMBEDDED)
     assert "broker and results: embedded Redis on redis://127.0.0.1:" in output
     assert "Flower:   http://127.0.0.1:" in output
     assert "examples.app.fetch: 1 -> 2 containers" in output  # the scale-up
@@ -160,11 +160,13 @@ def test_demo_runs_on_an_embedded_redis_scales_up_and_down_and_leaves_nothing_ru
     assert "back to keep_warm=1" in summary and "back to keep_warm=0" in summary
 
 
-def test_ctrl_c_stops_the_demo_and_every_process_it_started():
-    run = ExampleRun("examples.demo", env=EMBEDDED)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_demo_and_every_process_it_started(signum):
+    run = ExampleRun("examples.demo", "--quick", env=EMBEDDED)
     try:
         run.wait_for_line("burst:", 60)
-        os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal sends its foreground group
+        # Ctrl-C: what a terminal sends its foreground process group.
+        os.killpg(run.proc.pid, signum)
     finally:
         code = run.finish(60)
     assert code == 130, run.output[-3000:]
@@ -187,7 +189,7 @@ def test_demo_on_rabbitmq_keeps_results_in_an_embedded_redis():
         output = run_example(
             "examples.demo",
             "--quick",
-            timeout=120,
+            timeout=100,
             CELERY_BROKER_URL=RABBITMQ_URL,
             CELERY_RESULT_BACKEND=None,
         )

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from .support import descendants, rss_bytes, row, wait_for
+from .support import descendants, row, rss_bytes, wait_for
 
 APP = "tests.apps.faults"
 SOAK = f"{APP}.soak"
