@@ -194,6 +194,17 @@ def burst_ours(key: str, total: int, seconds: float) -> None:
     started = time.time()
     time.sleep(seconds)
     record(key, total, started)
+    if os.environ.get("BENCH_TRACE"):  # TEMPORARY
+        rid = current_task.request.id
+        store().rpush(f"{key}:trace", json.dumps([os.getpid(), started, time.time(), _RECEIVED.pop(rid, 0)]))
+
+
+_RECEIVED: dict[str, float] = {}
+
+
+@signals.task_received.connect
+def _received(request=None, **_):
+    _RECEIVED[request.id] = time.time()
 
 
 @app.task(ignore_result=True)
@@ -223,3 +234,18 @@ def density_blocking(key: str, total: int, seconds: float) -> None:
     started = time.time()
     asyncio.run(asyncio.sleep(seconds))
     record(key, total, started, DENSITY_EVERY)
+
+if os.environ.get("BENCH_EXPERIMENT"):  # TEMPORARY: profiling experiments, to be removed
+    from celery_concurrent.container import reporter as _reporter
+
+    _exp = os.environ["BENCH_EXPERIMENT"]
+    if _exp == "slow_held":
+        _reporter.HELD_REPORT_INTERVAL = 0.1
+    elif _exp == "no_held":
+        _orig_start = _reporter.LoadReporter.start
+
+        def _start(self, worker):
+            _orig_start(self, worker)
+            self.reports_held = False
+
+        _reporter.LoadReporter.start = _start

@@ -194,9 +194,14 @@ class FaultsRun:
         could not declare its exclusive control queue.
         """
         names = ",".join(getattr(self.app, f).name for f in functions)
-        name = f"faults{self.env['CC_QUEUE_SUFFIX']}@%h"
-        args = ("-c", "1", "-n", name, "--concurrent-functions", names, *extra)
+        args = ("-c", "1", "-n", self.nodename, "--concurrent-functions", names, *extra)
         return self.start(*args, **kwargs)
+
+    @property
+    def nodename(self) -> str:
+        import socket
+
+        return f"faults{self.env['CC_QUEUE_SUFFIX']}@{socket.gethostname()}"
 
     def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 30):
         """Run ``celery -A tests.apps.faults ARGS`` to completion (stdout, stderr, code)."""

@@ -38,7 +38,8 @@ ORPHAN_GRACE_SECONDS = 5.0
 #: under the socket's send buffer (208 KiB by default); tags beyond these fall back on
 #: the transport's ``visibility_timeout``
 MAX_HELD_TAGS = 4096
-#: reports carrying more tags than this are sent at most once per HELD_REPORT_INTERVAL
+#: a container holding more inputs than this, on Redis, reports at most once per
+#: HELD_REPORT_INTERVAL: finding its unacknowledged tags costs a pass over them all
 HELD_REPORT_THRESHOLD = 64
 HELD_REPORT_INTERVAL = 0.01
 
@@ -122,14 +123,16 @@ class LoadReporter(bootsteps.StartStopStep):
         try:
             while not self._stop.is_set():
                 self._changed.wait(0.5)
-                if len(self._held) > HELD_REPORT_THRESHOLD:
-                    # Coalesce a busy container's changes: a few hundred reports a
-                    # second at most, however fast its inputs come and go.
+                if self.reports_held and len(state.reserved_requests) > HELD_REPORT_THRESHOLD:
+                    # Coalesce a busy container's changes: a hundred reports a second
+                    # at most, however fast its inputs come and go.
                     self._stop.wait(max(0.0, sent_at + HELD_REPORT_INTERVAL - time.monotonic()))
                 self._changed.clear()
                 in_flight = len(state.reserved_requests)
                 if self.reports_held:
-                    self._held = held_tags() or self._held if in_flight else ()
+                    held = held_tags() if in_flight else ()
+                    if held is not None:
+                        self._held = held
                 now = time.monotonic()
                 if in_flight:
                     busy_at = now

@@ -61,6 +61,11 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
     )
     # Redis: never reserve a message beyond the free slots (N running, none waiting).
     worker.app.conf.worker_disable_prefetch = True
+    # After a reconnect Celery lowers the prefetch and raises it again from the callback
+    # of each ack, which a threads pool runs on the input's own thread: a synchronous
+    # basic.qos there races the event loop for the AMQP socket and hangs the container.
+    # The prefetch gate (early acks) and acks_late already bound what a container holds.
+    worker.app.conf.worker_enable_prefetch_count_reduction = False
     worker.app.amqp.queues.select([spec.queue])
     logger.info(
         "celery-concurrent: container %s serves %s from queue %s with %s %s",
