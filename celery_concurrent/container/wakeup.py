@@ -35,14 +35,17 @@ class SlotWakeup:
         self._accepts: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
 
     def register(self, hub: Any) -> None:
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
+        # Called again each time the consumer reconnects: keep the one pipe.
+        if self._read_fd is None:
+            self._read_fd, self._write_fd = os.pipe()
+            os.set_blocking(self._read_fd, False)
+            os.set_blocking(self._write_fd, False)
         hub.add_reader(self._read_fd, self._drain)
 
     def on_wake(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(running)`` on the hub's thread after each change."""
-        self._listeners.append(listener)
+        if listener not in self._listeners:  # a consumer step starts again on reconnect
+            self._listeners.append(listener)
 
     def _drain(self, *_: Any) -> None:
         assert self._read_fd is not None

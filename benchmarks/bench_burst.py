@@ -1,0 +1,301 @@
+"""Scenario 1, an I/O-bound burst: ours from zero containers, and plain Celery, side by side.
+
+Run it with ``python -m benchmarks.bench_burst`` from the repository root.
+
+The work: 2,000 inputs of ``time.sleep(0.5)``, all in the queue at one instant (a Redis
+``COPY`` of a list published beforehand, so publishing is not part of the run). Each
+input stamps when it started and finished (:func:`benchmarks.apps.record`), and the
+run ends with the last finish. Sides:
+
+- **ours**: a node, ``celery -A benchmarks.apps worker -c 1 --concurrent-functions
+  benchmarks.apps.burst_ours``, with no container when the burst arrives; the
+  function has ``max_inputs=100``, ``max_containers=4``, ``min_containers=0`` and
+  ``scaledown_window=1`` (so that each run starts cold again soon). The clock runs
+  from the burst, so it includes the supervisor seeing the backlog, the forks and
+  every container's start.
+- **threads**: ``celery worker -P threads -c 400``, already running.
+- **gevent**: ``celery worker -P gevent -c 400``, already running.
+- **prefork**: ``celery worker -P prefork -c 2``, already running. Two processes take
+  1,000 rounds of 0.5 s, about 500 s; it runs ``--prefork-inputs`` inputs (40 by
+  default) and its wall time for 2,000 is extrapolated from its rate,
+  ``2000 / (k / wall_k)``. ``--prefork-inputs 2000`` measures it whole.
+
+The plain workers use Celery's defaults (prefetch multiplier 4) and run without the
+node supervisor (``--without-concurrent``).
+
+Efficiency, the target (>= 0.9), is ``ideal / wall`` for ours, where ``ideal =
+ceil(inputs / (max_inputs x max_containers)) x 0.5 s + cold start``: five rounds of
+400 inputs, plus one cold start measured in the same run, from the burst to the first
+input starting. Each side's figure is the median of its runs (rounds rotate which side
+goes first), with the min and max; "speed-up" is a side's median wall over ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from benchmarks.bench_overhead import python_path, spread
+from benchmarks.bench_reaction import JITTER_SECONDS, fork_server_children, wait_until
+from benchmarks.common import (
+    burst,
+    environment,
+    publish_template,
+    reset_tally,
+    wait_for_tally,
+)
+from celery_concurrent import spec_of
+from tests.support import RedisServer, Workers
+
+APP = "benchmarks.apps"
+OURS = f"{APP}.burst_ours"
+PLAIN = f"{APP}.burst_plain"
+RESULTS = Path(__file__).resolve().parent / "results" / "burst.json"
+TARGET_EFFICIENCY = 0.9
+QUIET = ("-l", "WARNING", "--without-gossip", "--without-mingle")
+
+
+@dataclass(frozen=True)
+class Side:
+    name: str
+    task: str
+    queue: str
+    worker_args: tuple[str, ...]
+    inputs: int
+
+    @property
+    def command(self) -> str:
+        return " ".join(("celery -A", APP, "worker", *self.worker_args))
+
+    @property
+    def template(self) -> str:
+        return f"bench:burst:template:{self.name}"
+
+    @property
+    def key(self) -> str:
+        return f"bench:burst:{self.name}"
+
+
+@dataclass(frozen=True)
+class Run:
+    side: str
+    round: int
+    inputs: int
+    wall_s: float
+    #: from the burst to the first input starting
+    first_start_s: float
+    load_1m: float
+
+
+def sides(app: Any, inputs: int, prefork_inputs: int) -> list[Side]:
+    spec = spec_of(app.tasks[OURS])
+    assert spec is not None
+    ours = Side(
+        "ours", OURS, spec.queue, ("-c", "1", "--concurrent-functions", OURS, *QUIET), inputs
+    )
+    plain = [
+        ("threads", "400", inputs),
+        ("gevent", "400", inputs),
+        ("prefork", "2", prefork_inputs),
+    ]
+    return [ours] + [plain_side(name, c, n) for name, c, n in plain]
+
+
+def plain_side(pool: str, concurrency: str, inputs: int) -> Side:
+    """A plain worker of the pool; each has a queue of its own, as they all run at once."""
+    queue = f"{importlib.import_module(APP).BURST_QUEUE}.{pool}"
+    args = ("-P", pool, "-c", concurrency, "-Q", queue, "--without-concurrent", *QUIET)
+    return Side(pool, PLAIN, queue, args, inputs)
+
+
+def measure(
+    side: Side, proc: Any, rds: redis.Redis, round_no: int, pause: float, timeout: float
+) -> Run:
+    if side.name == "ours":
+        # Each burst finds no container: the last run's have retired (scaledown_window 1 s).
+        wait_until(lambda: not fork_server_children(proc.pid), timeout, "ours: cold", proc)
+    time.sleep(pause)  # a burst lands anywhere in the supervisor's poll, as a real one does
+    reset_tally(rds, side.key)
+    began = burst(rds, side.template, side.queue)
+    tally = wait_for_tally(rds, side.key, side.inputs, timeout, alive=proc)
+    return Run(
+        side.name,
+        round_no,
+        side.inputs,
+        tally.last_finish - began,
+        tally.first_start - began,
+        os.getloadavg()[0],
+    )
+
+
+def ideal_seconds(inputs: int, slots: int, seconds: float, cold_start: float) -> float:
+    return math.ceil(inputs / slots) * seconds + cold_start
+
+
+def summarize(runs: list[Run], side: Side, inputs: int, seconds: float, slots: int) -> dict:
+    mine = [run for run in runs if run.side == side.name]
+    # prefork runs fewer inputs: its wall time for ``inputs`` comes from its rate
+    walls = [run.wall_s * inputs / run.inputs for run in mine]
+    numbers: dict[str, Any] = {
+        "wall_s": spread(walls),
+        "first_start_s": spread([run.first_start_s for run in mine]),
+        "runs": len(mine),
+        "inputs_per_run": side.inputs,
+        "extrapolated": side.inputs != inputs,
+    }
+    if side.name == "ours":
+        efficiencies = [
+            ideal_seconds(inputs, slots, seconds, run.first_start_s) / run.wall_s for run in mine
+        ]
+        numbers["efficiency"] = spread(efficiencies)
+        numbers["ideal_s"] = spread(
+            [ideal_seconds(inputs, slots, seconds, run.first_start_s) for run in mine]
+        )
+    return numbers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--inputs", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=0.5, help="each input's sleep")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each side")
+    parser.add_argument("--prefork-inputs", type=int, default=40)
+    parser.add_argument("--prefork-rounds", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per run, at most")
+    parser.add_argument("--seed", type=int, default=0, help="of the pauses before bursts")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    extra_args = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(extra_args)
+
+    load_before = os.getloadavg()
+    began = time.monotonic()
+    jitter = random.Random(args.seed)
+    runs: list[Run] = []
+    server = RedisServer().start()
+    try:
+        # The app reads its broker when imported, so point it at the private Redis first.
+        os.environ["CELERY_BROKER_URL"] = server.url
+        app = importlib.import_module(APP).app
+        spec = spec_of(app.tasks[OURS])
+        assert spec is not None and spec.max_containers is not None
+        slots = spec.max_inputs * spec.max_containers
+        rds = redis.Redis.from_url(server.url)
+        all_sides = sides(app, args.inputs, args.prefork_inputs)
+        for side in all_sides:
+            publish_template(
+                app,
+                rds,
+                side.task,
+                (side.key, side.inputs, args.seconds),
+                side.inputs,
+                side.template,
+            )
+        with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
+            workers = Workers(server.url, Path(logdir))
+            try:
+                procs = {
+                    s.name: workers.start(APP, *s.worker_args, wait_ready=False) for s in all_sides
+                }
+                rotating = [s for s in all_sides if s.name != "prefork"]
+                prefork = [s for s in all_sides if s.name == "prefork"]
+                # Round -1 warms every side up (thread pools, gevent, the fork server)
+                # and is not counted; prefork, slow, runs last.
+                schedule = [
+                    (round_no, side)
+                    for round_no in range(-1, args.rounds)
+                    for side in rotating[round_no % len(rotating) :]
+                    + rotating[: round_no % len(rotating)]
+                ]
+                schedule += [
+                    (round_no, side) for round_no in range(args.prefork_rounds) for side in prefork
+                ]
+                for round_no, side in schedule:
+                    pause = jitter.uniform(0, JITTER_SECONDS)
+                    run = measure(side, procs[side.name], rds, round_no, pause, args.timeout)
+                    if round_no < 0:
+                        continue
+                    runs.append(run)
+                    print(
+                        f"round {round_no + 1} {side.name:8} {run.inputs:5} inputs: wall "
+                        f"{run.wall_s:6.2f} s, first input after {run.first_start_s:.3f} s "
+                        f"(load {run.load_1m:.2f})",
+                        flush=True,
+                    )
+            finally:
+                workers.stop_all()
+    finally:
+        server.stop()
+    elapsed = time.monotonic() - began
+
+    results = {
+        side.name: summarize(runs, side, args.inputs, args.seconds, slots) for side in all_sides
+    }
+    ours = results["ours"]
+    for numbers in results.values():
+        numbers["speedup_of_ours"] = numbers["wall_s"]["median"] / ours["wall_s"]["median"]
+    print()
+    print(f"{'side':8} {'wall s':>8} {'min':>7} {'max':>7} {'speed-up':>9}  command")
+    for side in all_sides:
+        numbers = results[side.name]
+        wall = numbers["wall_s"]
+        note = f" (extrapolated from {side.inputs} inputs)" if numbers["extrapolated"] else ""
+        print(
+            f"{side.name:8} {wall['median']:8.2f} {wall['min']:7.2f} {wall['max']:7.2f} "
+            f"{numbers['speedup_of_ours']:8.1f}x  {side.command}{note}"
+        )
+    efficiency = ours["efficiency"]
+    verdict = "meets" if efficiency["median"] >= TARGET_EFFICIENCY else "misses"
+    print(
+        f"ours: efficiency {efficiency['median']:.3f} (min {efficiency['min']:.3f}, max "
+        f"{efficiency['max']:.3f}; {verdict} the target {TARGET_EFFICIENCY}), ideal "
+        f"{ours['ideal_s']['median']:.2f} s with a cold start of "
+        f"{ours['first_start_s']['median']:.3f} s"
+    )
+    print(f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}")
+
+    report = {
+        "benchmark": "burst",
+        "command": " ".join([python_path(), "-m", "benchmarks.bench_burst", *extra_args]),
+        "parameters": {
+            "inputs": args.inputs,
+            "seconds_per_input": args.seconds,
+            "rounds_per_side": args.rounds,
+            "prefork_inputs": args.prefork_inputs,
+            "prefork_rounds": args.prefork_rounds,
+            "ours_function": spec.as_dict(),
+            "burst": "all inputs put in the queue at once (Redis COPY of a published list)",
+            "wall": "from the burst to the last input finishing",
+            "ideal": "ceil(inputs / (max_inputs x max_containers)) x seconds + the run's "
+            "cold start (burst to first input start)",
+            "prefork_wall": "inputs / (prefork_inputs / measured wall), when fewer inputs ran",
+        },
+        "workers": {side.name: side.command for side in all_sides},
+        "results": {
+            **results,
+            "efficiency": ours["efficiency"]["median"],
+            "target_efficiency": TARGET_EFFICIENCY,
+            "meets_target": ours["efficiency"]["median"] >= TARGET_EFFICIENCY,
+        },
+        "runs": [asdict(run) for run in runs],
+        "environment": environment(load_before, elapsed),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
