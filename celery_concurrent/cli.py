@@ -270,13 +270,15 @@ def _watch(app: Any, timeout: float, interval: float, count: int | None, as_json
 
 @concurrent.command(cls=CeleryCommand)
 @click.argument("function")
-@click.option("--min-containers", "--keep-warm", "min_containers", type=int, default=None)
-@click.option("--max-containers", "--concurrency-limit", "max_containers", type=int, default=None)
+# Both spellings are separate options, so that giving both is refused like in the decorator.
+@click.option("--min-containers", type=int, default=None)
+@click.option("--keep-warm", type=int, default=None)
+@click.option("--max-containers", type=int, default=None)
+@click.option("--concurrency-limit", type=int, default=None)
 @click.option("--buffer-containers", type=int, default=None)
 @click.option("--target-inputs", type=int, default=None)
-@click.option(
-    "--scaledown-window", "--container-idle-timeout", "scaledown_window", type=float, default=None
-)
+@click.option("--scaledown-window", type=float, default=None)
+@click.option("--container-idle-timeout", type=float, default=None)
 @click.option("--timeout", type=float, default=2.0, help="Seconds to wait for nodes.")
 @click.pass_context
 def update(ctx: click.Context, function: str, timeout: float, **given: Any) -> None:

@@ -60,7 +60,13 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
         without_mingle=True,
     )
     # Redis: never reserve a message beyond the free slots (N running, none waiting).
-    worker.app.conf.worker_disable_prefetch = True
+    # Other brokers get the prefetch gate instead (prefetch_gate.py).
+    conn = worker.app.connection_for_read()
+    try:
+        if conn.transport.driver_type == "redis":
+            worker.app.conf.worker_disable_prefetch = True
+    finally:
+        conn.release()
     # After a reconnect Celery lowers the prefetch and raises it again from the callback
     # of each ack, which a threads pool runs on the input's own thread: a synchronous
     # basic.qos there races the event loop for the AMQP socket and hangs the container.

@@ -333,6 +333,18 @@ class Supervisor:
                 del pool.containers[ident]
                 self._by_ident.pop(ident, None)
                 self.devices.release(ident)
+                if code == 0:
+                    # Stopped from outside with a warm shutdown (a signal to the process
+                    # group, say): it drained and gave back what it held. Not a crash.
+                    logger.warning(
+                        "%s: container %s stopped without being retired; replacing it",
+                        pool.spec.name,
+                        ident,
+                    )
+                    pool.record_event(
+                        pool.live + 1, pool.live, "stopped from outside", decided=False
+                    )
+                    continue
                 delay = pool.record_crash(container, code, now)
                 logger.warning(
                     "%s: container %s crashed (%s); %s",
