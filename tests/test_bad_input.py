@@ -90,7 +90,7 @@ def bounds_of(faults) -> tuple[Any, ...]:
 
 BAD_UPDATES = [
     (("--max-containers", "0"), "max_containers=0: must be positive"),
-    (("--keep-warm", "9"), "min_containers=9: must not exceed max_containers=1"),
+    (("--keep-warm", "9"), "keep_warm=9: must not exceed max_containers=1"),
     (("--target-inputs", "10"), "target_inputs=10: must not exceed max_inputs=4"),
     (("--scaledown-window", "nan"), "scaledown_window=nan: must be a positive, finite number"),
     (("--max-containers", "abc"), "'abc' is not a valid integer"),
