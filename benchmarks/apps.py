@@ -9,6 +9,9 @@ broker's Redis, plus a timestamp for the first and the last input of a run (see
 :mod:`benchmarks.bench_overhead`). The ``reaction_*`` and ``idle_*`` tasks serve
 :mod:`benchmarks.bench_reaction`: each input stamps when it started and on which
 process, with the life stamps of that process (forked, worker created, consumer ready).
+The ``burst_*``, ``density_*`` and ``scaledown_ours`` tasks serve the scenario
+benchmarks (:mod:`benchmarks.bench_burst`, :mod:`benchmarks.bench_density`,
+:mod:`benchmarks.bench_scaledown`); they count themselves with :func:`record`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ app.conf.update(
         "benchmarks.apps.reaction_plain": {"queue": REACTION_PLAIN_QUEUE},
         "benchmarks.apps.burst_plain": {"queue": BURST_QUEUE},
         "benchmarks.apps.density_blocking": {"queue": DENSITY_QUEUE},
+        "benchmarks.apps.density_noop": {"queue": DENSITY_QUEUE},
     },
 )
 
@@ -54,7 +58,8 @@ def store() -> redis.Redis:
     """A client of the broker's Redis, shared by the worker's threads (redis-py is thread-safe)."""
     global _client
     if _client is None:
-        _client = redis.Redis.from_url(app.conf.broker_url)
+        # redis-py 8 caps a pool at 100 connections; a plain worker runs 400 threads.
+        _client = redis.Redis.from_url(app.conf.broker_url, max_connections=1024)
     return _client
 
 
@@ -194,17 +199,6 @@ def burst_ours(key: str, total: int, seconds: float) -> None:
     started = time.time()
     time.sleep(seconds)
     record(key, total, started)
-    if os.environ.get("BENCH_TRACE"):  # TEMPORARY
-        rid = current_task.request.id
-        store().rpush(f"{key}:trace", json.dumps([os.getpid(), started, time.time(), _RECEIVED.pop(rid, 0)]))
-
-
-_RECEIVED: dict[str, float] = {}
-
-
-@signals.task_received.connect
-def _received(request=None, **_):
-    _RECEIVED[request.id] = time.time()
 
 
 @app.task(ignore_result=True)
@@ -235,17 +229,20 @@ def density_blocking(key: str, total: int, seconds: float) -> None:
     asyncio.run(asyncio.sleep(seconds))
     record(key, total, started, DENSITY_EVERY)
 
-if os.environ.get("BENCH_EXPERIMENT"):  # TEMPORARY: profiling experiments, to be removed
-    from celery_concurrent.container import reporter as _reporter
 
-    _exp = os.environ["BENCH_EXPERIMENT"]
-    if _exp == "slow_held":
-        _reporter.HELD_REPORT_INTERVAL = 0.1
-    elif _exp == "no_held":
-        _orig_start = _reporter.LoadReporter.start
+@app.task(ignore_result=True)
+def density_noop(key: str, total: int, seconds: float) -> None:
+    """No work at all: how fast a plain worker takes inputs in, the floor of any worker."""
+    record(key, total, time.time(), DENSITY_EVERY)
 
-        def _start(self, worker):
-            _orig_start(self, worker)
-            self.reports_held = False
 
-        _reporter.LoadReporter.start = _start
+#: Scenario 5: scale-down precision and the scaling plot (``bench_scaledown``).
+SCALEDOWN_WINDOW = 2.0
+
+
+@app.task(ignore_result=True)
+@concurrent(max_inputs=10, max_containers=4, min_containers=1, scaledown_window=SCALEDOWN_WINDOW)
+def scaledown_ours(key: str, seconds: float) -> None:
+    """Sleep, then note which process finished the input, and when."""
+    time.sleep(seconds)
+    store().rpush(key, json.dumps([os.getpid(), time.time()]))

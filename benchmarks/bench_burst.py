@@ -129,7 +129,10 @@ def measure(
     time.sleep(pause)  # a burst lands anywhere in the supervisor's poll, as a real one does
     reset_tally(rds, side.key)
     began = burst(rds, side.template, side.queue)
-    tally = wait_for_tally(rds, side.key, side.inputs, timeout, alive=proc)
+    try:
+        tally = wait_for_tally(rds, side.key, side.inputs, timeout, alive=proc)
+    except (TimeoutError, RuntimeError) as exc:
+        raise RuntimeError(f"{side.name}: {exc}\n{proc.log_path.read_text()[-3000:]}") from exc
     return Run(
         side.name,
         round_no,

@@ -1,0 +1,389 @@
+"""Run every benchmark scenario, then print one summary table: ``make bench``.
+
+Run it with ``python -m benchmarks.run_all`` from the repository root. Each scenario
+runs as its own process (``python -m benchmarks.bench_<name>``), which starts its own
+private Redis and workers, stops every process it started, and writes
+``benchmarks/results/<name>.json``. The rounds are fewer than each module's standalone
+defaults so that the whole set fits in about six minutes on a 2-core machine; every
+figure is still a median of several runs, or a ratio of medians, with its spread.
+
+1. ``burst``: 2,000 inputs of ``sleep(0.5)``, ours (N=100, up to 4 containers, from
+   zero) against plain Celery's prefork, threads and gevent pools.
+2. ``overhead``: no-op inputs through one container (N=10) against ``-P threads -c 10``.
+3. ``reaction``: a burst to the first input on a new container, against exec'ing a
+   worker and Celery's ``--autoscale``; and the idle node's CPU.
+4. ``density``: 10,000 inputs of ``asyncio.sleep(1)`` in one container.
+5. ``scaledown``: the last input to the container's exit, against
+   ``container_idle_timeout``; ``keep_warm``; and ``results/scaling.png``.
+
+It also writes ``results/summary.json`` and ``results/summary.md`` (the table as
+Markdown, for ``benchmarks/README.md``). ``--only burst,density`` runs some of them;
+the table then shows the stored results of the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support import ROOT, stop_process
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: how long a scenario stopped for its time may take to stop its own processes
+STOP_GRACE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    args: tuple[str, ...]
+    #: seconds it may take before it is stopped
+    timeout: float
+
+    @property
+    def module(self) -> str:
+        return f"benchmarks.bench_{self.name}"
+
+    @property
+    def result(self) -> Path:
+        return RESULTS / f"{self.name}.json"
+
+
+SCENARIOS = (
+    Scenario("burst", "1. I/O-bound burst", ("--rounds", "3", "--prefork-rounds", "2"), 180),
+    Scenario("overhead", "2. Per-input overhead", ("--rounds", "4", "--inputs", "3000"), 150),
+    Scenario(
+        "reaction",
+        "3. Scale-up reaction",
+        ("--rounds", "12", "--idle-seconds", "10", "--baseline-seconds", "6"),
+        180,
+    ),
+    Scenario("density", "4. Async density", ("--rounds", "3", "--compare-rounds", "2"), 240),
+    Scenario("scaledown", "5. Scale-down", ("--rounds", "4"), 150),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the summary: a figure of ours, what it is compared with, the target."""
+
+    scenario: str
+    figure: str
+    ours: str
+    other: str = ""
+    ratio: str = ""
+    target: str = ""
+    met: bool | None = None
+
+
+def _spread(numbers: dict[str, float], fmt: str = "{:.2f}", unit: str = "") -> str:
+    median, low, high = (fmt.format(numbers[k]) for k in ("median", "min", "max"))
+    return f"{median}{unit} ({low}–{high})"
+
+
+def burst_rows(report: dict[str, Any]) -> list[Row]:
+    results = report["results"]
+    ours = results["ours"]
+    title = "1. burst"
+    rows = [
+        Row(
+            title,
+            "efficiency = ideal / wall",
+            _spread(ours["efficiency"], "{:.3f}"),
+            f"ideal {ours['ideal_s']['median']:.2f} s (cold start "
+            f"{1000 * ours['first_start_s']['median']:.0f} ms)",
+            target=f">= {results['target_efficiency']}",
+            met=results["meets_target"],
+        ),
+        Row(title, "wall, 2,000 x sleep(0.5)", _spread(ours["wall_s"], unit=" s")),
+    ]
+    labels = {
+        "threads": "-P threads -c 400",
+        "gevent": "-P gevent -c 400",
+        "prefork": "-P prefork -c 2",
+    }
+    for name, label in labels.items():
+        other = results[name]
+        note = " (extrapolated)" if other["extrapolated"] else ""
+        rows.append(
+            Row(
+                title,
+                f"wall vs plain {label}",
+                f"{ours['wall_s']['median']:.2f} s",
+                f"{_spread(other['wall_s'], unit=' s')}{note}",
+                f"speed-up {other['speedup_of_ours']:.2f}x",
+            )
+        )
+    return rows
+
+
+def overhead_rows(report: dict[str, Any]) -> list[Row]:
+    results = report["results"]
+    ours, plain = results["ours"], results["plain"]
+    return [
+        Row(
+            "2. overhead",
+            "no-op inputs/s, N=10 vs -P threads -c 10",
+            _spread(ours["inputs_per_s"], "{:.0f}"),
+            _spread(plain["inputs_per_s"], "{:.0f}"),
+            f"{results['throughput_ratio']:.3f} (per round "
+            f"{results['per_round_throughput_ratio']['min']:.2f}–"
+            f"{results['per_round_throughput_ratio']['max']:.2f})",
+            f">= {results['target']}",
+            results["meets_target"],
+        ),
+        Row(
+            "2. overhead",
+            "CPU ms per input",
+            _spread(ours["cpu_ms_per_input"], "{:.3f}"),
+            _spread(plain["cpu_ms_per_input"], "{:.3f}"),
+            f"{results['cpu_ratio_plain_over_ours']:.3f} (plain/ours)",
+        ),
+    ]
+
+
+def reaction_rows(report: dict[str, Any]) -> list[Row]:
+    results = report["results"]
+    ours = results["ours"]
+    rows = []
+    for name, label in (("exec", "exec'd worker"), ("autoscale", "--autoscale")):
+        other = results[name]
+        rows.append(
+            Row(
+                "3. reaction",
+                f"burst to first input, p50 / p95, vs {label}",
+                f"{ours['p50_ms']:.0f} / {ours['p95_ms']:.0f} ms",
+                f"{other['p50_ms']:.0f} / {other['p95_ms']:.0f} ms",
+                f"speed-up {results['p50_ratio_to_ours'][name]:.1f}x (p50)",
+                f"p50 <= {results['target_p50_ms']:.0f} ms",
+                results["meets_target"],
+            )
+        )
+    idle = results["idle"]
+    rows.append(
+        Row(
+            "3. reaction",
+            "idle node main process, share of a core",
+            f"{100 * idle['node_main_process_share']:.2f} %",
+            f"plain node {100 * idle['plain_node_main_process_share']:.2f} %",
+            target=f"<= {100 * idle['target']:.0f} %",
+            met=idle["meets_target"],
+        )
+    )
+    return rows
+
+
+def density_rows(report: dict[str, Any]) -> list[Row]:
+    results = report["results"]
+    ours = results["ours"]
+    blocking = results["threads + asyncio.run"]
+    floor = results["floor: no-op intake"]
+    targets, meets = results["targets"], results["meets_targets"]
+    title = "4. density"
+    return [
+        Row(
+            title,
+            "10,000 x asyncio.sleep(1): first start to last finish",
+            _spread(ours["wall_s"], unit=" s"),
+            f"threads -c 1000 + asyncio.run {blocking['wall_s']['median']:.2f} s",
+            f"speed-up {blocking['wall_s']['median'] / ours['wall_s']['median']:.2f}x",
+            f"<= {targets['wall_s']:g} s",
+            meets["wall"],
+        ),
+        Row(
+            title,
+            "... from the first publish (publishing takes)",
+            f"{ours['from_publish_s']['median']:.2f} s ({ours['publish_s']['median']:.2f} s)",
+            f"{blocking['from_publish_s']['median']:.2f} s",
+        ),
+        Row(
+            title,
+            "... floor: a plain worker takes in 10,000 no-ops",
+            f"pre-loaded {results['ours, pre-loaded']['wall_s']['median']:.2f} s",
+            f"floor {floor['wall_s']['median']:.2f} s (+1 s sleep = "
+            f"{results['floor_plus_sleep_s']:.2f} s)",
+        ),
+        Row(
+            title,
+            "threads in the process",
+            str(ours["max_threads"]),
+            str(blocking["max_threads"]),
+            target=f"<= {targets['threads']}",
+            met=meets["threads"],
+        ),
+        Row(
+            title,
+            "RSS of the process",
+            f"{ours['max_rss_mb']:.0f} MB",
+            f"{blocking['max_rss_mb']:.0f} MB",
+            target=f"<= {targets['rss_mb']:g} MB",
+            met=meets["rss"],
+        ),
+    ]
+
+
+def scaledown_rows(report: dict[str, Any]) -> list[Row]:
+    results = report["results"]
+    window = results["scaledown_window_s"]
+    return [
+        Row(
+            "5. scale-down",
+            f"last input to exit, container_idle_timeout {window:g} s",
+            _spread(results["delay_s"], unit=" s"),
+            f"{results['retirements']} retirements",
+            target=f"<= {results['target_delay_s']:g} s",
+            met=results["meets_target"],
+        ),
+        Row(
+            "5. scale-down",
+            f"keep_warm={results['keep_warm']} never violated",
+            "yes" if results["keep_warm_held"] else "no",
+            met=results["keep_warm_held"],
+        ),
+    ]
+
+
+ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "burst": burst_rows,
+    "overhead": overhead_rows,
+    "reaction": reaction_rows,
+    "density": density_rows,
+    "scaledown": scaledown_rows,
+}
+
+
+def load_of(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    return f"{env['load_average_1m_before']:.2f}/{env['load_average_1m_after']:.2f}"
+
+
+def verdict(met: bool | None) -> str:
+    return "" if met is None else ("yes" if met else "NO")
+
+
+def table(rows: list[Row], loads: dict[str, str]) -> list[list[str]]:
+    header = ["scenario", "figure", "ours", "compared with", "ratio", "target", "met", "load"]
+    lines = [header]
+    shown: set[str] = set()
+    for row in rows:
+        load = loads.get(row.scenario, "") if row.scenario not in shown else ""
+        shown.add(row.scenario)
+        lines.append(
+            [row.scenario, row.figure, row.ours, row.other, row.ratio, row.target]
+            + [verdict(row.met), load]
+        )
+    return lines
+
+
+def render_text(lines: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def render_markdown(lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    out += [
+        "| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines[1:]
+    ]
+    return "\n".join(out)
+
+
+def run(scenario: Scenario) -> tuple[int, float]:
+    """Run one scenario's module; return its exit status and how long it took."""
+    print(f"\n=== {scenario.title}: python -m {scenario.module} {' '.join(scenario.args)}")
+    print(f"    (load average {os.getloadavg()[0]:.2f})", flush=True)
+    began = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", scenario.module, *scenario.args], cwd=ROOT, start_new_session=True
+    )
+    try:
+        code = proc.wait(scenario.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{scenario.name}: stopped after {scenario.timeout:.0f} s", flush=True)
+        code = 124
+        # SIGINT, not SIGTERM: its ``finally`` blocks stop the workers and the Redis it
+        # started (each in a session of its own) before it exits.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_GRACE_SECONDS)
+    finally:
+        stop_process(proc)
+    return code, time.monotonic() - began
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    args = parser.parse_args(argv)
+    wanted = {name for name in args.only.split(",") if name}
+    unknown = wanted - {s.name for s in SCENARIOS}
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+
+    load_before = os.getloadavg()
+    began = time.monotonic()
+    status: dict[str, dict[str, Any]] = {}
+    for scenario in SCENARIOS:
+        if wanted and scenario.name not in wanted:
+            continue
+        code, seconds = run(scenario)
+        status[scenario.name] = {"exit_status": code, "seconds": round(seconds, 1)}
+    elapsed = time.monotonic() - began
+
+    rows: list[Row] = []
+    loads: dict[str, str] = {}
+    reports: dict[str, Any] = {}
+    for scenario in SCENARIOS:
+        if not scenario.result.exists():
+            rows.append(Row(scenario.title, "no result", "-"))
+            continue
+        report = json.loads(scenario.result.read_text())
+        reports[scenario.name] = report
+        found = ROWS[scenario.name](report)
+        rows += found
+        if found:
+            loads[found[0].scenario] = load_of(report)
+    lines = table(rows, loads)
+    print()
+    print(render_text(lines))
+    failed = [name for name, s in status.items() if s["exit_status"]]
+    print(
+        f"\nran {', '.join(status) or 'nothing'} in {elapsed:.0f} s; load average "
+        f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1 min; 'load' column: "
+        f"each scenario's before/after); {os.cpu_count()} CPUs"
+    )
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (the table shows their last stored results)")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "command": "python -m benchmarks.run_all" + (f" --only {args.only}" if wanted else ""),
+        "seconds": elapsed,
+        "scenarios": status,
+        "rows": [row.__dict__ for row in rows],
+        "load_average_1m_before": load_before[0],
+        "load_average_1m_after": os.getloadavg()[0],
+    }
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS / "summary.md").write_text(render_markdown(lines) + "\n")
+    print(f"wrote {RESULTS / 'summary.json'} and {RESULTS / 'summary.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
