@@ -26,8 +26,10 @@ node supervisor (``--without-concurrent``).
 Efficiency, the target (>= 0.9), is ``ideal / wall`` for ours, where ``ideal =
 ceil(inputs / (max_inputs x max_containers)) x 0.5 s + cold start``: five rounds of
 400 inputs, plus one cold start measured in the same run, from the burst to the first
-input starting. Each side's figure is the median of its runs (rounds rotate which side
-goes first), with the min and max; "speed-up" is a side's median wall over ours.
+input starting. The plain pools get the same ratio with their own slots (their first
+input starts within milliseconds), for reference. Each side's figure is the median of
+its runs (rounds rotate which side goes first; a warm-up round is not counted), with the
+min and max; "speed-up" is a side's median wall over ours.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class Side:
     queue: str
     worker_args: tuple[str, ...]
     inputs: int
+    #: inputs it runs at once: max_inputs x max_containers, or the pool's concurrency
+    slots: int
 
     @property
     def command(self) -> str:
@@ -101,23 +105,19 @@ class Run:
 
 def sides(app: Any, inputs: int, prefork_inputs: int) -> list[Side]:
     spec = spec_of(app.tasks[OURS])
-    assert spec is not None
-    ours = Side(
-        "ours", OURS, spec.queue, ("-c", "1", "--concurrent-functions", OURS, *QUIET), inputs
-    )
-    plain = [
-        ("threads", "400", inputs),
-        ("gevent", "400", inputs),
-        ("prefork", "2", prefork_inputs),
-    ]
+    assert spec is not None and spec.max_containers is not None
+    args = ("-c", "1", "--concurrent-functions", OURS, *QUIET)
+    slots = spec.max_inputs * spec.max_containers
+    ours = Side("ours", OURS, spec.queue, args, inputs, slots)
+    plain = [("threads", 400, inputs), ("gevent", 400, inputs), ("prefork", 2, prefork_inputs)]
     return [ours] + [plain_side(name, c, n) for name, c, n in plain]
 
 
-def plain_side(pool: str, concurrency: str, inputs: int) -> Side:
+def plain_side(pool: str, concurrency: int, inputs: int) -> Side:
     """A plain worker of the pool; each has a queue of its own, as they all run at once."""
     queue = f"{importlib.import_module(APP).BURST_QUEUE}.{pool}"
-    args = ("-P", pool, "-c", concurrency, "-Q", queue, "--without-concurrent", *QUIET)
-    return Side(pool, PLAIN, queue, args, inputs)
+    args = ("-P", pool, "-c", str(concurrency), "-Q", queue, "--without-concurrent", *QUIET)
+    return Side(pool, PLAIN, queue, args, inputs, concurrency)
 
 
 def measure(
@@ -147,7 +147,7 @@ def ideal_seconds(inputs: int, slots: int, seconds: float, cold_start: float) ->
     return math.ceil(inputs / slots) * seconds + cold_start
 
 
-def summarize(runs: list[Run], side: Side, inputs: int, seconds: float, slots: int) -> dict:
+def summarize(runs: list[Run], side: Side, inputs: int, seconds: float) -> dict[str, Any]:
     mine = [run for run in runs if run.side == side.name]
     # prefork runs fewer inputs: its wall time for ``inputs`` comes from its rate
     walls = [run.wall_s * inputs / run.inputs for run in mine]
@@ -158,14 +158,9 @@ def summarize(runs: list[Run], side: Side, inputs: int, seconds: float, slots: i
         "inputs_per_run": side.inputs,
         "extrapolated": side.inputs != inputs,
     }
-    if side.name == "ours":
-        efficiencies = [
-            ideal_seconds(inputs, slots, seconds, run.first_start_s) / run.wall_s for run in mine
-        ]
-        numbers["efficiency"] = spread(efficiencies)
-        numbers["ideal_s"] = spread(
-            [ideal_seconds(inputs, slots, seconds, run.first_start_s) for run in mine]
-        )
+    ideals = [ideal_seconds(run.inputs, side.slots, seconds, run.first_start_s) for run in mine]
+    numbers["ideal_s"] = spread(ideals)
+    numbers["efficiency"] = spread([i / run.wall_s for i, run in zip(ideals, mine, strict=True)])
     return numbers
 
 
@@ -192,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CELERY_BROKER_URL"] = server.url
         app = importlib.import_module(APP).app
         spec = spec_of(app.tasks[OURS])
-        assert spec is not None and spec.max_containers is not None
-        slots = spec.max_inputs * spec.max_containers
+        assert spec is not None
         rds = redis.Redis.from_url(server.url)
         all_sides = sides(app, args.inputs, args.prefork_inputs)
         for side in all_sides:
@@ -242,21 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     elapsed = time.monotonic() - began
 
-    results = {
-        side.name: summarize(runs, side, args.inputs, args.seconds, slots) for side in all_sides
-    }
+    results = {side.name: summarize(runs, side, args.inputs, args.seconds) for side in all_sides}
     ours = results["ours"]
     for numbers in results.values():
         numbers["speedup_of_ours"] = numbers["wall_s"]["median"] / ours["wall_s"]["median"]
     print()
-    print(f"{'side':8} {'wall s':>8} {'min':>7} {'max':>7} {'speed-up':>9}  command")
+    header = f"{'side':8} {'wall s':>8} {'min':>7} {'max':>7} {'speed-up':>9} {'efficiency':>11}"
+    print(f"{header}  command")
     for side in all_sides:
         numbers = results[side.name]
         wall = numbers["wall_s"]
         note = f" (extrapolated from {side.inputs} inputs)" if numbers["extrapolated"] else ""
         print(
             f"{side.name:8} {wall['median']:8.2f} {wall['min']:7.2f} {wall['max']:7.2f} "
-            f"{numbers['speedup_of_ours']:8.1f}x  {side.command}{note}"
+            f"{numbers['speedup_of_ours']:8.2f}x {numbers['efficiency']['median']:11.3f}  "
+            f"{side.command}{note}"
         )
     efficiency = ours["efficiency"]
     verdict = "meets" if efficiency["median"] >= TARGET_EFFICIENCY else "misses"

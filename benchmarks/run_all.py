@@ -121,7 +121,8 @@ def burst_rows(report: dict[str, Any]) -> list[Row]:
                 title,
                 f"wall vs plain {label}",
                 f"{ours['wall_s']['median']:.2f} s",
-                f"{_spread(other['wall_s'], unit=' s')}{note}",
+                f"{_spread(other['wall_s'], unit=' s')}{note}, efficiency "
+                f"{other['efficiency']['median']:.2f}",
                 f"speed-up {other['speedup_of_ours']:.2f}x",
             )
         )

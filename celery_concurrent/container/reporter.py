@@ -41,6 +41,10 @@ MAX_HELD_TAGS = 4096
 #: a container holding more inputs than this, on Redis, reports at most once per
 #: HELD_REPORT_INTERVAL: finding its unacknowledged tags costs a pass over them all
 HELD_REPORT_THRESHOLD = 64
+#: the shortest time between two load reports
+REPORT_INTERVAL = 0.01
+#: how often the container checks that its supervisor is alive
+SUPERVISOR_CHECK_INTERVAL = 0.5
 HELD_REPORT_INTERVAL = 0.01
 #: ... and waits this many times the CPU time its last report took, so that reporting
 #: stays about 2 % of the container at 10,000 inputs in flight too
@@ -123,10 +127,14 @@ class LoadReporter(bootsteps.StartStopStep):
         busy_at = time.monotonic()
         orphaned_at: float | None = None
         sent_at = 0.0
+        checked_at = 0.0
         cost = 0.0  # CPU seconds the last report took
         try:
             while not self._stop.is_set():
                 self._changed.wait(0.5)
+                # A busy container changes with every input; a report every
+                # REPORT_INTERVAL at most keeps its cost and the supervisor's flat.
+                self._stop.wait(max(0.0, sent_at + REPORT_INTERVAL - time.monotonic()))
                 if self.reports_held and len(state.reserved_requests) > HELD_REPORT_THRESHOLD:
                     # Coalesce a busy container's changes: a hundred reports a second
                     # at most, however fast its inputs come and go.
@@ -158,6 +166,9 @@ class LoadReporter(bootsteps.StartStopStep):
                     pass  # the supervisor is gone or busy; the PID check decides
                 sent_at = time.monotonic()
                 cost = time.thread_time() - began
+                if now - checked_at < SUPERVISOR_CHECK_INTERVAL:
+                    continue
+                checked_at = now
                 if not self._supervisor_alive():
                     if orphaned_at is None:
                         orphaned_at = now

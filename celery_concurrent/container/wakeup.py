@@ -88,7 +88,9 @@ class SlotWakeup:
     def _count(self, delta: int) -> None:
         with self._lock:
             self.running += delta
-        self.notify()
+        # A freed slot must wake the loop to fetch more; a start matters only to listeners.
+        if delta < 0 or self._listeners:
+            self.notify()
 
     def wrap_accept(self, callback: Callable[..., Any] | None) -> Callable[..., Any]:
         """An accept callback that also counts the input as running."""

@@ -2,9 +2,9 @@
 
 Each turn it reads the containers' load reports, reaps exits, reads each queue's
 backlog from the broker, asks the policy for a decision per function and carries it
-out. A turn takes a few broker round trips, so it runs every ``poll_interval`` (50 ms
-by default) and at once when a container reports: scale-up is immediate, not a poll of
-tens of seconds.
+out. A turn takes one broker round trip, so it runs every ``poll_interval`` (50 ms by
+default): scale-up is immediate, not a poll of tens of seconds. Load reports are read
+as they arrive in between.
 """
 
 from __future__ import annotations
@@ -178,23 +178,35 @@ class Supervisor:
     # -- the loop ----------------------------------------------------------------
 
     def _run(self) -> None:
+        next_turn = 0.0
         while not self._stopping.is_set():
             began = time.monotonic()
-            try:
-                with self._lock:
-                    self.turn(began)
-            except Exception:  # the loop must outlive any one bad turn
-                logger.exception("celery-concurrent: supervisor turn failed")
-            self.turn_seconds += time.monotonic() - began
-            self.turns += 1
+            if began >= next_turn:
+                try:
+                    with self._lock:
+                        self.turn(began)
+                except Exception:  # the loop must outlive any one bad turn
+                    logger.exception("celery-concurrent: supervisor turn failed")
+                self.turn_seconds += time.monotonic() - began
+                self.turns += 1
+                next_turn = began + self.settings.poll_interval
             try:
                 readable, _, _ = select.select(
-                    [self._sock.fileno(), self._wake_r], [], [], self.settings.poll_interval
+                    [self._sock.fileno(), self._wake_r],
+                    [],
+                    [],
+                    max(0.0, next_turn - time.monotonic()),
                 )
             except (OSError, ValueError):
                 return
             if self._wake_r in readable:
                 os.read(self._wake_r, 4096)
+                next_turn = 0.0  # a runtime update or a drain: act now
+            elif readable:
+                # Load reports arrive with every change of a busy container; keep the
+                # latest and act on them at the next turn, not one turn per report.
+                with self._lock:
+                    self._read_reports()
 
     def turn(self, now: float) -> None:
         self._read_reports()
