@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             "meets_target": ours["efficiency"]["median"] >= TARGET_EFFICIENCY,
         },
         "runs": [asdict(run) for run in runs],
-        "environment": environment(load_before, elapsed),
+        "environment": environment(load_before, os.getloadavg(), elapsed),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -48,7 +48,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from typing import Any
 
 import redis
 
+from benchmarks.common import environment
 from celery_concurrent import spec_of
 from celery_concurrent.plugin import WORKER_OPTIONS
 from tests.support import ROOT, RedisServer, Workers
@@ -304,15 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_ratio_plain_over_ours": cpu_ratio,
         },
         "runs": [asdict(run) for run in runs],
-        "environment": {
-            "python": platform.python_version(),
-            "celery": importlib.import_module("celery").__version__,
-            "kombu": importlib.import_module("kombu").__version__,
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_1m_before": load_before[0],
-            "load_average_1m_after": load_after[0],
-        },
+        "environment": environment(load_before, load_after),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

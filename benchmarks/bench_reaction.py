@@ -82,7 +82,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import random
 import socket
 import statistics
@@ -99,6 +98,7 @@ import psutil
 import redis
 
 from benchmarks.bench_overhead import cpu_seconds, python_path
+from benchmarks.common import environment
 from celery_concurrent import spec_of
 from celery_concurrent.supervisor.supervisor import DEFAULT_POLL_INTERVAL
 from tests.support import RedisServer, Workers, stop_process
@@ -595,16 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             "idle": idle,
         },
         "samples": [asdict(sample) for sample in samples],
-        "environment": {
-            "python": platform.python_version(),
-            "celery": importlib.import_module("celery").__version__,
-            "kombu": importlib.import_module("kombu").__version__,
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_1m_before": load_before[0],
-            "load_average_1m_after": load_after[0],
-            "seconds": elapsed,
-        },
+        "environment": environment(load_before, load_after, elapsed),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

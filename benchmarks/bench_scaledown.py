@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "retirements": [asdict(r) for r in found],
         "plot": {"path": str(args.plot), **plotted},
-        "environment": environment(load_before, elapsed),
+        "environment": environment(load_before, os.getloadavg(), elapsed),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -26,18 +26,20 @@ from tests.support import rss_bytes, thread_count
 POLL_SECONDS = 0.01
 
 
-def environment(load_before: tuple[float, ...], seconds: float) -> dict[str, Any]:
-    """What the run saw: versions, CPUs and the machine's load (1-minute average)."""
-    return {
+def environment(
+    load_before: tuple[float, ...], load_after: tuple[float, ...], seconds: float | None = None
+) -> dict[str, Any]:
+    """What the run saw: versions, CPUs and the machine's load (``os.getloadavg()``)."""
+    found = {
         "python": platform.python_version(),
         "celery": importlib.import_module("celery").__version__,
         "kombu": importlib.import_module("kombu").__version__,
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "load_average_1m_before": load_before[0],
-        "load_average_1m_after": os.getloadavg()[0],
-        "seconds": seconds,
+        "load_average_1m_after": load_after[0],
     }
+    return found if seconds is None else {**found, "seconds": seconds}
 
 
 def publish(app: Any, task_name: str, args: tuple[Any, ...], total: int, queue: str) -> float:
