@@ -16,6 +16,7 @@ from celery.utils.log import get_logger
 from kombu.exceptions import ChannelError, OperationalError
 
 from ..redact import mask_urls
+from .broker import OwnChannel
 
 logger = get_logger(__name__)
 
@@ -24,25 +25,15 @@ logger = get_logger(__name__)
 RECONNECT_INTERVAL = 0.5
 
 
-class BacklogProbe:
+class BacklogProbe(OwnChannel):
     """Reads queue lengths over one broker connection of its own."""
 
     def __init__(self, app: Celery) -> None:
-        self.app = app
-        self._conn: Any = None
-        self._channel: Any = None
+        super().__init__(app)
         self._errors: tuple[type[BaseException], ...] | None = None
         #: when the broker was first found unreachable, while it still is
         self.unreachable_since: float | None = None
         self._retry_at = 0.0
-
-    def _ensure_channel(self) -> Any:
-        if self._channel is None:
-            self._conn = self.app.connection_for_read()
-            # One quick attempt: the next turn tries again.
-            self._conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
-            self._channel = self._conn.channel()
-        return self._channel
 
     @property
     def connection_errors(self) -> tuple[type[BaseException], ...]:
@@ -126,15 +117,6 @@ class BacklogProbe:
             try:
                 channel.close()
             except Exception:  # noqa: BLE001 - already closed by the broker
-                pass
-
-    def close(self) -> None:
-        self._channel = None
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.release()
-            except Exception:  # noqa: BLE001 - tearing down a broken connection
                 pass
 
 

@@ -13,22 +13,21 @@ requeue a dead consumer's messages by themselves.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from celery import Celery
 from celery.utils.log import get_logger
 from kombu.exceptions import OperationalError
 
+from .broker import OwnChannel
+
 logger = get_logger(__name__)
 
 
-class Redelivery:
+class Redelivery(OwnChannel):
     """Restores delivery tags over a broker connection of its own, made when first needed."""
 
     def __init__(self, app: Celery) -> None:
-        self.app = app
-        self._conn: Any = None
-        self._channel: Any = None
+        super().__init__(app)
         self._needed: bool | None = None
 
     @property
@@ -66,19 +65,3 @@ class Redelivery:
     def _connection_errors(self) -> tuple[type[BaseException], ...]:
         conn = self._conn or self.app.connection_for_read()
         return (OperationalError, *conn.connection_errors, ConnectionError, OSError)
-
-    def _ensure_channel(self) -> Any:
-        if self._channel is None:
-            self._conn = self.app.connection_for_read()
-            self._conn.ensure_connection(max_retries=1, interval_start=0)
-            self._channel = self._conn.channel()
-        return self._channel
-
-    def close(self) -> None:
-        self._channel = None
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.release()
-            except Exception:  # noqa: BLE001 - tearing down a broken connection
-                pass
