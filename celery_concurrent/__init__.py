@@ -1,7 +1,13 @@
 """celery-concurrent: Modal-style concurrent inputs and per-function autoscaling for Celery."""
 
 from .decorators import concurrent, spec_of, specs_of
-from .errors import ConcurrentError, ConfigurationError, GpuSpecError, UnknownFunctionError
+from .errors import (
+    ConcurrentError,
+    ConfigurationError,
+    DecoratorOrderError,
+    GpuSpecError,
+    UnknownFunctionError,
+)
 from .gpu import GpuRequest, parse_gpu
 from .plugin import install
 from .spec import FunctionSpec
@@ -9,6 +15,7 @@ from .spec import FunctionSpec
 __all__ = [
     "ConcurrentError",
     "ConfigurationError",
+    "DecoratorOrderError",
     "FunctionSpec",
     "GpuRequest",
     "GpuSpecError",

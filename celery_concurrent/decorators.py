@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
 from celery import Celery, Task
-from celery.local import PromiseProxy
+from celery.local import PromiseProxy, Proxy
 
 from .asyncbridge import original_async, sync_runner
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DecoratorOrderError
 from .spec import OPTION_NAMES, FunctionSpec, normalize_options
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -23,6 +23,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Where the decorator's keywords are kept, on the function or on the task class.
 OPTIONS_ATTR = "__celery_concurrent__"
 _SPEC_CACHE_ATTR = "_celery_concurrent_spec"
+# ``@shared_task`` gives a proxy that makes a new task for each app, later, out of the
+# function it was given: only the function can carry the decorator's settings to them.
+SHARED_TASK_ORDER = (
+    "@concurrent must be applied below @shared_task, not above it: write @shared_task "
+    "first, then @concurrent(...) on the line under it, just above the def"
+)
 
 
 @overload
@@ -61,10 +67,14 @@ def concurrent(fn: Any = None, /, **options: Any) -> Any:
     ------
     ConfigurationError
         At decoration time, naming the parameter and the value, for any bad setting.
+    DecoratorOrderError
+        At decoration time, when applied above ``@shared_task`` (it belongs below).
     """
     normalize_options(options)  # every check that does not depend on the function
 
     def decorate(target: Any) -> Any:
+        if type(target) is Proxy:
+            raise DecoratorOrderError(SHARED_TASK_ORDER)
         if isinstance(target, PromiseProxy):
             return _decorate_lazy_task(target, options)
         if isinstance(target, Task):

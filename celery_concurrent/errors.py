@@ -26,6 +26,10 @@ class GpuSpecError(ConfigurationError):
     """A ``gpu=`` value could not be parsed."""
 
 
+class DecoratorOrderError(ConcurrentError, TypeError):
+    """``@concurrent`` was stacked where it cannot reach the task it decorates."""
+
+
 class UnknownFunctionError(ConcurrentError, LookupError):
     """A task name does not name a ``@concurrent`` function of the app."""
 

@@ -18,6 +18,7 @@ from celery.utils.log import get_logger
 from . import control  # noqa: F401 - registers the remote control commands
 from .container.prefetch_gate import PrefetchGate
 from .container.reporter import LoadReporter
+from .container.revokes import RevokeSync
 from .container.worker import configure_container
 from .decorators import adopt_async_run, spec_of, specs_of
 from .errors import ConcurrentError, ConfigurationError, UnknownFunctionError
@@ -113,6 +114,7 @@ def install(app: Celery) -> Celery:
     app.steps["worker"].add(SupervisorStep)
     app.steps["worker"].add(LoadReporter)
     app.steps["consumer"].add(PrefetchGate)
+    app.steps["consumer"].add(RevokeSync)
     app.steps["worker"].add(MetricsStep)
     return app
 

@@ -3,6 +3,9 @@
 That queue is the spec's: ``concurrent.<task name>``, ``concurrent.gpu.<task name>`` for a
 GPU function, or what ``queue=`` names. The router is appended after the user's own
 ``task_routes``, so a route the user set still wins, and plain tasks are never touched.
+Each function's queue is declared in the app's queue set as Celery would declare a missing
+one, so that ``task_create_missing_queues=False`` keeps working; a queue the user declared
+in ``task_queues`` is used as it is.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ class ConcurrentRouter:
         if task is None:
             task = self.app.tasks.get(name)
         spec = spec_of(task) if task is not None else None
-        return None if spec is None else {"queue": spec.queue}
+        if spec is None:
+            return None
+        declare_queue(self.app, spec.queue)
+        return {"queue": spec.queue}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ConcurrentRouter) and other.app is self.app
@@ -63,3 +69,13 @@ def ensure_router(app: Celery) -> None:
         app.amqp.flush_routes()
         with suppress(AttributeError, KeyError):
             del app.amqp.router
+
+
+def declare_queue(app: Celery, name: str) -> None:
+    """Add the queue ``name`` to the app's queues unless it is there (the user's wins).
+
+    It gets the exchange and routing key Celery gives a missing queue.
+    """
+    queues = app.amqp.queues
+    if name not in queues:
+        queues.add(queues.new_missing(name))

@@ -8,13 +8,16 @@ length is the true backlog.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
 from celery.utils.log import get_logger
 
 from ..errors import ConfigurationError
+from ..routing import declare_queue
 from ..spec import ASYNC_POOL, FunctionSpec
+from .reporter import REPORT_ENV
 
 logger = get_logger(__name__)
 
@@ -56,11 +59,11 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
     worker.concurrency = spec.max_inputs
     worker.pool_cls = pool_for(spec)
     worker.prefetch_multiplier = 1
-    worker.options.update(
-        autoscale=None,
-        without_gossip=True,
-        without_mingle=True,
-    )
+    worker.options.update(autoscale=None, without_gossip=True)
+    if os.environ.get(REPORT_ENV):
+        # A supervised container gets its node's revokes at start (revokes.py) instead
+        # of waiting a second for mingle's replies; a standalone one keeps mingle.
+        worker.options["without_mingle"] = True
     # Redis: never reserve a message beyond the free slots (N running, none waiting).
     # Other brokers get the prefetch gate instead (prefetch_gate.py).
     conn = worker.app.connection_for_read()
@@ -75,6 +78,7 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
     # basic.qos there races the event loop for the AMQP socket and hangs the container.
     # The prefetch gate (early acks) and acks_late already bound what a container holds.
     worker.app.conf.worker_enable_prefetch_count_reduction = False
+    declare_queue(worker.app, spec.queue)
     worker.app.amqp.queues.select([spec.queue])
     logger.info(
         "celery-concurrent: container %s serves %s from queue %s with %s %s",
@@ -109,8 +113,6 @@ def _shorten_redis_poll(app: Any, conn: Any) -> None:
 
 
 def _pid() -> int:
-    import os
-
     return os.getpid()
 
 

@@ -14,7 +14,8 @@ from celery.utils.log import get_logger
 from ..decorators import specs_of
 from ..errors import UnknownFunctionError
 from ..gpu import detect_gpus, gpu_override
-from .supervisor import Supervisor, SupervisorSettings, default_node_max_containers, locate_app
+from .app_ref import app_reference
+from .supervisor import Supervisor, SupervisorSettings, default_node_max_containers
 
 logger = get_logger(__name__)
 
@@ -67,7 +68,7 @@ class SupervisorStep(bootsteps.StartStopStep):
         if gpus is None:
             gpus = detect_gpus() if any(s.gpu for s in served) else ()
         hints = sorted({type(worker.app.tasks[s.name]).__module__ for s in served})
-        app_ref = locate_app(worker.app, hints)
+        app_ref = app_reference(worker.app, hints)
         conf = worker.app.conf
         settings = SupervisorSettings(
             app_ref=app_ref,

@@ -24,6 +24,7 @@ from ..container.reporter import (
     SUPERVISOR_PID_ENV,
     report_startup_failure,
 )
+from ..container.revokes import REVOKES_ENV
 from ..spec import FunctionSpec
 
 
@@ -37,6 +38,7 @@ class ContainerLaunch:
     hostname: str
     report_address: str
     supervisor_pid: int
+    revokes_address: str = ""
     loglevel: str = "WARNING"
     logfile: str | None = None
     task_events: bool = False
@@ -50,6 +52,7 @@ class ContainerLaunch:
             REPORT_ENV: self.report_address,
             SUPERVISOR_PID_ENV: str(self.supervisor_pid),
             IDENT_ENV: self.ident,
+            REVOKES_ENV: self.revokes_address,
             **self.env,
         }
 

@@ -14,7 +14,6 @@ import os
 import select
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +33,7 @@ from .policy import Decision, Observation, decide
 from .pool import Container, FunctionPool, lowest_free_ident
 from .probes import BacklogProbe
 from .redelivery import Redelivery
+from .revokes import RevokeServer
 
 logger = get_logger(__name__)
 
@@ -104,6 +104,7 @@ class Supervisor:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(self.address)
         self._sock.setblocking(False)
+        self.revokes = RevokeServer(os.path.join(self._dir, "revokes.sock"))
         self._report_buffer = bytearray(MAX_REPORT_BYTES)
         self._wake_r, self._wake_w = os.pipe()
         self.started_at = time.monotonic()
@@ -114,6 +115,7 @@ class Supervisor:
 
     def start(self) -> None:
         self.launcher.warm_up()
+        self.revokes.start()
         self._thread = threading.Thread(target=self._run, name="celery-concurrent-supervisor")
         self._thread.daemon = True
         self._thread.start()
@@ -158,6 +160,7 @@ class Supervisor:
         self.probe.close()
         self.redelivery.close()
         self._sock.close()
+        self.revokes.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _halt(self) -> None:
@@ -287,6 +290,7 @@ class Supervisor:
             ident=ident,
             hostname=self.settings.hostname,
             report_address=self.address,
+            revokes_address=self.revokes.address,
             supervisor_pid=os.getpid(),
             loglevel=self.settings.loglevel,
             logfile=self.settings.logfile,
@@ -518,20 +522,3 @@ def ident_prefix(nodename: str) -> str:
     """
     name, at, _ = nodename.partition("@")
     return f"{name}-" if at and name and name != "celery" else ""
-
-
-def locate_app(app: Celery, hints: Iterable[str] = ()) -> str:
-    """An importable ``module:attribute`` reference to ``app``, for its containers."""
-    names = [*hints, *[m for m in list(sys.modules) if m not in hints]]
-    for modname in names:
-        module = sys.modules.get(modname)
-        if module is None or modname == "__main__":
-            continue
-        try:
-            items = list(vars(module).items())
-        except TypeError:
-            continue
-        for attr, value in items:
-            if value is app:
-                return f"{modname}:{attr}"
-    raise LookupError(f"cannot find an importable reference to the app {app.main!r}")
