@@ -1,6 +1,6 @@
 """celery-concurrent: Modal-style concurrent inputs and per-function autoscaling for Celery."""
 
-from .decorators import concurrent, spec_of, specs_of
+from .decorators import concurrent
 from .errors import (
     ConcurrentError,
     ConfigurationError,
@@ -10,6 +10,7 @@ from .errors import (
 )
 from .gpu import GpuRequest, parse_gpu
 from .plugin import install
+from .registry import spec_of, specs_of
 from .spec import FunctionSpec
 
 __all__ = [

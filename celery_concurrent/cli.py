@@ -16,10 +16,10 @@ import click
 from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
 from kombu.exceptions import OperationalError
 
-from .decorators import specs_of
 from .errors import ConfigurationError, UnknownFunctionError
 from .gpu import parse_gpu, unplaceable_reason
 from .redact import mask_urls, safe_url
+from .registry import specs_of
 from .spec import FunctionSpec
 
 COLUMNS = (

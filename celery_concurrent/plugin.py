@@ -20,10 +20,10 @@ from .container.prefetch_gate import PrefetchGate
 from .container.reporter import LoadReporter
 from .container.revokes import RevokeSync
 from .container.worker import configure_container
-from .decorators import adopt_async_run, spec_of, specs_of
 from .errors import ConcurrentError, ConfigurationError, UnknownFunctionError
 from .gpu import GPUS_ENV, GPUS_OPTION, gpu_override
 from .metrics import MetricsStep
+from .registry import adopt_async_run, spec_of, specs_of
 from .routing import ensure_router
 from .supervisor.bootstep import SupervisorStep
 
@@ -117,10 +117,6 @@ def install(app: Celery) -> Celery:
     app.steps["consumer"].add(RevokeSync)
     app.steps["worker"].add(MetricsStep)
     return app
-
-
-def is_installed(app: Celery) -> bool:
-    return app in _installed
 
 
 def _on_configured(sender: Celery, **_: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery
 
-from .decorators import spec_of
+from .registry import spec_of
 
 
 class ConcurrentRouter:

@@ -29,8 +29,8 @@ from typing import Any, TextIO
 
 from celery import group
 
+from celery_concurrent import specs_of
 from celery_concurrent.cli import WATCH_COLUMNS, render_table
-from celery_concurrent.decorators import specs_of
 from examples.harness import ExampleError, Stack, run_in_stack, status_rows
 
 APP = "examples.app"

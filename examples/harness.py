@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 
 from kombu.utils.url import maybe_sanitize_url
 
+from celery_concurrent import specs_of
 from celery_concurrent.cli import collect_status
-from celery_concurrent.decorators import specs_of
 from celery_concurrent.testing import FlowerServer, RedisServer, embedded_redis_binary, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,8 +24,8 @@ from celery.bin.celery import celery as celery_command
 from celery.bin.worker import worker as worker_command
 from flower.options import options as flower_options
 
+from celery_concurrent import specs_of
 from celery_concurrent.cli import concurrent as concurrent_command
-from celery_concurrent.decorators import specs_of
 from celery_concurrent.plugin import WORKER_OPTIONS
 
 from .support import ROOT

@@ -11,9 +11,9 @@ from typing import Any
 from celery import bootsteps, signals
 from celery.utils.log import get_logger
 
-from ..decorators import specs_of
 from ..errors import UnknownFunctionError
 from ..gpu import detect_gpus, gpu_override
+from ..registry import specs_of
 from .app_ref import app_reference
 from .supervisor import Supervisor, SupervisorSettings, default_node_max_containers
 
