@@ -39,7 +39,7 @@ from typing import Any
 from celery import Celery, Task, group
 
 from celery_concurrent import concurrent
-from celery_concurrent.gpu import GPUS_ENV, detect_gpus
+from celery_concurrent.supervisor.gpus import GPUS_ENV, detect_gpus
 
 APP = "benchmarks.gpu_check"
 FUNCTION = f"{APP}.matmul"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
@@ -20,7 +20,7 @@ from .errors import ConfigurationError, UnknownFunctionError
 from .gpu import parse_gpu, unplaceable_reason
 from .redact import mask_urls, safe_url
 from .registry import specs_of
-from .spec import FunctionSpec
+from .spec import RUNTIME_BOUND_NAMES, SECONDS_SETTINGS, FunctionSpec
 
 COLUMNS = (
     ("function", "FUNCTION"),
@@ -268,17 +268,18 @@ def _watch(app: Any, timeout: float, interval: float, count: int | None, as_json
         pass
 
 
+def _bound_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    # Both spellings are separate options, so that giving both is refused like in the
+    # decorator.
+    for name in sorted(RUNTIME_BOUND_NAMES, reverse=True):
+        kind = float if name in SECONDS_SETTINGS else int
+        command = click.option(f"--{name.replace('_', '-')}", type=kind, default=None)(command)
+    return command
+
+
 @concurrent.command(cls=CeleryCommand)
 @click.argument("function")
-# Both spellings are separate options, so that giving both is refused like in the decorator.
-@click.option("--min-containers", type=int, default=None)
-@click.option("--keep-warm", type=int, default=None)
-@click.option("--max-containers", type=int, default=None)
-@click.option("--concurrency-limit", type=int, default=None)
-@click.option("--buffer-containers", type=int, default=None)
-@click.option("--target-inputs", type=int, default=None)
-@click.option("--scaledown-window", type=float, default=None)
-@click.option("--container-idle-timeout", type=float, default=None)
+@_bound_options
 @click.option("--timeout", type=float, default=2.0, help="Seconds to wait for nodes.")
 @click.pass_context
 def update(ctx: click.Context, function: str, timeout: float, **given: Any) -> None:

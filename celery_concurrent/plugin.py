@@ -15,17 +15,17 @@ from celery import Celery, signals
 from celery._state import connect_on_app_finalize
 from celery.utils.log import get_logger
 
-from . import control  # noqa: F401 - registers the remote control commands
 from .container.prefetch_gate import PrefetchGate
 from .container.reporter import LoadReporter
 from .container.revokes import RevokeSync
 from .container.worker import configure_container
 from .errors import ConcurrentError, ConfigurationError, UnknownFunctionError
-from .gpu import GPUS_ENV, GPUS_OPTION, gpu_override
-from .metrics import MetricsStep
 from .registry import adopt_async_run, spec_of, specs_of
 from .routing import ensure_router
+from .supervisor import control  # noqa: F401 - registers the remote control commands
 from .supervisor.bootstep import SupervisorStep
+from .supervisor.gpus import GPUS_ENV, GPUS_OPTION, gpu_override
+from .supervisor.metrics import MetricsStep
 
 logger = get_logger(__name__)
 

@@ -34,6 +34,16 @@ SCALING_SETTINGS = (
     "scaledown_window",
 )
 
+#: the scaling settings a running function may change (``concurrent update``): all but
+#: ``max_inputs``, since running containers were started with their slot count
+RUNTIME_BOUNDS = tuple(name for name in SCALING_SETTINGS if name != "max_inputs")
+#: ... in either spelling
+RUNTIME_BOUND_NAMES: frozenset[str] = frozenset(
+    (*RUNTIME_BOUNDS, *(seed for seed, name in ALIASES.items() if name in RUNTIME_BOUNDS))
+)
+#: the settings given in seconds (the others are counts)
+SECONDS_SETTINGS = frozenset({"scaledown_window", "container_idle_timeout"})
+
 #: Every keyword ``@concurrent`` (or a task option) accepts.
 OPTION_NAMES: frozenset[str] = frozenset(
     (*SCALING_SETTINGS, *ALIASES, "gpu", "pool", "queue"),

@@ -245,7 +245,7 @@ def test_gpu_example_runs_only_on_the_simulated_gpu_node_one_device_per_containe
 
 
 def test_gpu_example_says_it_needs_a_gpu_node_where_there_is_none():
-    from celery_concurrent.gpu import GPUS_ENV, detect_gpus
+    from celery_concurrent.supervisor.gpus import GPUS_ENV, detect_gpus
 
     if detect_gpus():
         pytest.skip("this machine has a GPU")

@@ -15,24 +15,25 @@ import pytest
 from celery import Celery, _state
 
 from celery_concurrent import ConfigurationError, concurrent, parse_gpu, spec_of
-from celery_concurrent.gpu import (
+from celery_concurrent.gpu import describe_requests, unplaceable_reason
+from celery_concurrent.routing import ConcurrentRouter
+from celery_concurrent.supervisor.devices import (
     CUDA_ENV,
+    DeviceAllocator,
+    model_matches,
+    place,
+    placeable_count,
+)
+from celery_concurrent.supervisor.gpus import (
     DETECT_COMMAND,
     GPUS_ENV,
-    DeviceAllocator,
     GpuDevice,
-    describe_requests,
     detect_gpus,
-    model_matches,
     node_gpus,
     parse_gpu_override,
     parse_nvidia_smi,
-    place,
-    placeable_count,
     restrict_to_visible,
-    unplaceable_reason,
 )
-from celery_concurrent.routing import ConcurrentRouter
 from celery_concurrent.supervisor.supervisor import ident_prefix
 
 A100_80 = "NVIDIA A100-SXM4-80GB"

@@ -21,7 +21,7 @@ import pytest
 from celery import group
 
 from celery_concurrent.cli import collect_status
-from celery_concurrent.gpu import GPUS_ENV
+from celery_concurrent.supervisor.gpus import GPUS_ENV
 
 from .support import ROOT, wait_for
 

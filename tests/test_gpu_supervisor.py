@@ -14,8 +14,8 @@ from celery import Celery
 
 from celery_concurrent import FunctionSpec
 from celery_concurrent.cli import merge_status
-from celery_concurrent.gpu import GpuDevice, parse_gpu_override
-from celery_concurrent.reports import LoadReport
+from celery_concurrent.contract import LoadReport
+from celery_concurrent.supervisor.gpus import GpuDevice, parse_gpu_override
 from celery_concurrent.supervisor.launcher import ContainerLaunch
 from celery_concurrent.supervisor.supervisor import Supervisor, SupervisorSettings
 

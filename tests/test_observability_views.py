@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_concurrent.cli import WATCH_COLUMNS, errors_of, render_table, utilisation
-from celery_concurrent.metrics import metrics_registry
+from celery_concurrent.supervisor.metrics import metrics_registry
 from celery_concurrent.supervisor.pool import ColdStarts, lowest_free_ident
 
 

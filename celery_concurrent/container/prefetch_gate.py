@@ -17,6 +17,8 @@ from typing import Any
 from celery import bootsteps
 from celery.utils.log import get_logger
 
+from ..brokers import is_redis
+
 logger = get_logger(__name__)
 
 
@@ -35,7 +37,7 @@ class PrefetchGate(bootsteps.StartStopStep):
         super().__init__(consumer, **kwargs)
 
     def start(self, consumer: Any) -> None:
-        if consumer.connection.transport.driver_type == "redis":
+        if is_redis(consumer.app):
             return
         task = consumer.app.tasks.get(self.function)
         if task is not None and task.acks_late:

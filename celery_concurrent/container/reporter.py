@@ -23,14 +23,13 @@ from celery import bootsteps, signals
 from celery.utils.log import get_logger
 from celery.worker import state
 
+from ..brokers import is_redis
+from ..contract import IDENT_ENV, REPORT_ENV, SUPERVISOR_PID_ENV, LoadReport
 from ..redact import mask_urls
-from ..reports import LoadReport
 
 logger = get_logger(__name__)
 
-REPORT_ENV = "CELERY_CONCURRENT_REPORT_SOCKET"
-SUPERVISOR_PID_ENV = "CELERY_CONCURRENT_SUPERVISOR_PID"
-IDENT_ENV = "CELERY_CONCURRENT_IDENT"
+__all__ = ["IDENT_ENV", "REPORT_ENV", "SUPERVISOR_PID_ENV", "LoadReporter"]
 
 #: a container whose supervisor died gets this long to drain before it exits hard
 ORPHAN_GRACE_SECONDS = 5.0
@@ -75,11 +74,7 @@ class LoadReporter(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         # Only Redis needs the tags: AMQP brokers requeue a dead consumer's messages.
-        conn = worker.app.connection_for_read()
-        try:
-            self.reports_held = conn.transport.driver_type == "redis"
-        finally:
-            conn.release()
+        self.reports_held = is_redis(worker.app)
         signals.task_received.connect(self._on_received, weak=False)
         signals.task_prerun.connect(self._on_prerun, weak=False)
         signals.task_postrun.connect(self._on_postrun, weak=False)

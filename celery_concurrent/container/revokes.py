@@ -16,9 +16,10 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 from celery.worker import state
 
+from ..contract import REVOKES_ENV
+
 logger = get_logger(__name__)
 
-REVOKES_ENV = "CELERY_CONCURRENT_REVOKES_SOCKET"
 #: how long a container waits for its node's snapshot before it starts without it
 RECEIVE_TIMEOUT = 10.0
 

@@ -14,10 +14,11 @@ from typing import Any
 
 from celery.utils.log import get_logger
 
+from ..brokers import is_redis
+from ..contract import REPORT_ENV, container_nodename
 from ..errors import ConfigurationError
 from ..routing import declare_queue
 from ..spec import ASYNC_POOL, FunctionSpec
-from .reporter import REPORT_ENV
 
 logger = get_logger(__name__)
 
@@ -25,11 +26,6 @@ ASYNCIO_POOL_CLS = "celery_concurrent.container.aio_pool:AsyncioPool"
 THREAD_POOL_CLS = "celery_concurrent.container.thread_pool:ThreadPool"
 #: how long an idle container's ``BRPOP`` on Redis waits (see :func:`_shorten_redis_poll`)
 REDIS_POLL_SECONDS = 0.25
-
-
-def container_nodename(spec: FunctionSpec, ident: str | int, host: str | None = None) -> str:
-    """The node name of a container: it names the function, so Flower shows which."""
-    return f"{spec.name}-{ident}@{host or socket.gethostname()}"
 
 
 def pool_for(spec: FunctionSpec) -> str:
@@ -66,13 +62,9 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
         worker.options["without_mingle"] = True
     # Redis: never reserve a message beyond the free slots (N running, none waiting).
     # Other brokers get the prefetch gate instead (prefetch_gate.py).
-    conn = worker.app.connection_for_read()
-    try:
-        if conn.transport.driver_type == "redis":
-            worker.app.conf.worker_disable_prefetch = True
-            _shorten_redis_poll(worker.app, conn)
-    finally:
-        conn.release()
+    if is_redis(worker.app):
+        worker.app.conf.worker_disable_prefetch = True
+        _shorten_redis_poll(worker.app)
     # After a reconnect Celery lowers the prefetch and raises it again from the callback
     # of each ack, which a threads pool runs on the input's own thread: a synchronous
     # basic.qos there races the event loop for the AMQP socket and hangs the container.
@@ -90,7 +82,7 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
     )
 
 
-def _shorten_redis_poll(app: Any, conn: Any) -> None:
+def _shorten_redis_poll(app: Any) -> None:
     """Let an idle container's ``BRPOP`` time out after REDIS_POLL_SECONDS, not kombu's 1 s.
 
     A warm shutdown waits for the pending ``BRPOP`` twice: Celery notices the SIGTERM's
@@ -102,11 +94,14 @@ def _shorten_redis_poll(app: Any, conn: Any) -> None:
     options = dict(app.conf.broker_transport_options or {})
     if "polling_interval" in options:
         return
+    conn = app.connection_for_read()
     try:
         version = str(conn.default_channel.client.info("server").get("redis_version", "0"))
         major = int(version.split(".")[0])
     except Exception:  # noqa: BLE001 - unreachable now: the consumer's own retries decide
         return
+    finally:
+        conn.release()
     if major >= 6:
         options["polling_interval"] = REDIS_POLL_SECONDS
         app.conf.broker_transport_options = options

@@ -12,9 +12,9 @@ from celery import bootsteps, signals
 from celery.utils.log import get_logger
 
 from ..errors import UnknownFunctionError
-from ..gpu import detect_gpus, gpu_override
 from ..registry import specs_of
 from .app_ref import app_reference
+from .gpus import detect_gpus, gpu_override
 from .supervisor import Supervisor, SupervisorSettings, default_node_max_containers
 
 logger = get_logger(__name__)

@@ -24,7 +24,7 @@ from ..container.reporter import (
     SUPERVISOR_PID_ENV,
     report_startup_failure,
 )
-from ..container.revokes import REVOKES_ENV
+from ..contract import REVOKES_ENV
 from ..spec import FunctionSpec
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from celery.utils.log import get_logger
 
-from ..reports import LoadReport
+from ..contract import LoadReport
 from ..spec import FunctionSpec
 from .launcher import ContainerProcess
 from .policy import ContainerState

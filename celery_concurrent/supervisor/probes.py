@@ -15,6 +15,7 @@ from celery import Celery
 from celery.utils.log import get_logger
 from kombu.exceptions import ChannelError, OperationalError
 
+from ..brokers import is_redis
 from ..redact import mask_urls
 from .broker import OwnChannel
 
@@ -58,11 +59,10 @@ class BacklogProbe(OwnChannel):
             return dict.fromkeys(queues)
         try:
             channel = self._ensure_channel()
-            is_redis = self._conn.transport.driver_type == "redis"
         except self.connection_errors as exc:
             self._unreachable(now, exc)
             return dict.fromkeys(queues)
-        if not is_redis:
+        if not is_redis(self.app):
             return {queue: self.backlog(queue) for queue in queues}
         try:
             counts = _redis_lengths(channel, queues)
@@ -102,7 +102,7 @@ class BacklogProbe(OwnChannel):
             _, count, _ = channel.queue_declare(queue=queue, passive=True)
         except ChannelError:
             # Missing queue: nothing waits. AMQP closes the channel on a 404.
-            if self._conn is not None and self._conn.transport.driver_type != "redis":
+            if not is_redis(self.app):
                 self._reset_channel()
             count = 0
         except self.connection_errors as exc:

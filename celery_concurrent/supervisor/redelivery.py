@@ -18,6 +18,7 @@ from celery import Celery
 from celery.utils.log import get_logger
 from kombu.exceptions import OperationalError
 
+from ..brokers import is_redis
 from .broker import OwnChannel
 
 logger = get_logger(__name__)
@@ -34,11 +35,7 @@ class Redelivery(OwnChannel):
     def needed(self) -> bool:
         """Whether the broker leaves a dead consumer's messages unacknowledged (Redis)."""
         if self._needed is None:
-            conn = self.app.connection_for_read()
-            try:
-                self._needed = conn.transport.driver_type == "redis"
-            finally:
-                conn.release()
+            self._needed = is_redis(self.app)
         return self._needed
 
     def restore(self, tags: Sequence[str]) -> int | None:

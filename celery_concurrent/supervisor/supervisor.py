@@ -24,10 +24,11 @@ from typing import Any
 from celery import Celery
 from celery.utils.log import get_logger
 
-from ..container.worker import container_nodename
-from ..gpu import DeviceAllocator, GpuDevice, describe_requests
-from ..reports import LoadReport
+from ..contract import LoadReport, container_nodename
+from ..gpu import describe_requests
 from ..spec import FunctionSpec
+from .devices import DeviceAllocator
+from .gpus import GpuDevice
 from .launcher import ContainerLaunch, Launcher
 from .policy import Decision, Observation, decide
 from .pool import Container, FunctionPool, lowest_free_ident

@@ -20,7 +20,7 @@ from celery import group
 
 from celery_concurrent import spec_of
 from celery_concurrent.errors import ConfigurationError
-from celery_concurrent.gpu import GPUS_ENV, GpuDevice, detect_gpus, gpu_override
+from celery_concurrent.supervisor.gpus import GPUS_ENV, GpuDevice, detect_gpus, gpu_override
 from examples.harness import (
     Stack,
     example_parser,

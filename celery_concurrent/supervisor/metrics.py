@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .supervisor.supervisor import Supervisor
+from .supervisor import Supervisor
 
 logger = get_logger(__name__)
 

@@ -10,21 +10,8 @@ from typing import Any
 
 from celery.worker.control import control_command, inspect_command
 
-from .errors import ConcurrentError
-
-#: the bounds ``concurrent update`` may change at runtime (either spelling)
-UPDATABLE = frozenset(
-    {
-        "min_containers",
-        "keep_warm",
-        "max_containers",
-        "concurrency_limit",
-        "buffer_containers",
-        "target_inputs",
-        "scaledown_window",
-        "container_idle_timeout",
-    }
-)
+from ..errors import ConcurrentError
+from ..spec import RUNTIME_BOUND_NAMES
 
 
 def _supervisor(state: Any) -> Any:
@@ -59,7 +46,7 @@ def concurrent_update(
     if bounds is not None and not isinstance(bounds, dict):
         return {"error": f"bounds={bounds!r}: expected a mapping of bound names to values"}
     bounds = dict(bounds or {})
-    unknown = sorted(set(bounds) - UPDATABLE)
+    unknown = sorted(set(bounds) - RUNTIME_BOUND_NAMES)
     if not bounds:
         return {"error": "no bounds given"}
     if unknown:

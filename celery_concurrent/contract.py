@@ -1,4 +1,8 @@
-"""The load report a container sends its supervisor: a small JSON datagram.
+"""The contract between a supervisor and its containers: names, environment, reports.
+
+A supervisor starts each container with :data:`REPORT_ENV`, :data:`SUPERVISOR_PID_ENV`,
+:data:`IDENT_ENV` and :data:`REVOKES_ENV` in its environment, and names it with
+:func:`container_nodename`. The container answers with :class:`LoadReport` datagrams.
 
 Containers report their own in-flight count (reserved inputs: running or about to run)
 and when they were last busy, so the supervisor never polls ``inspect``. On Redis they
@@ -9,11 +13,32 @@ back in the queue the moment it dies, instead of after the ``visibility_timeout`
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .spec import FunctionSpec
+
+#: the supervisor's Unix datagram socket, where the container sends its load reports
+REPORT_ENV = "CELERY_CONCURRENT_REPORT_SOCKET"
+#: the node's main process: a container whose supervisor died drains and exits
+SUPERVISOR_PID_ENV = "CELERY_CONCURRENT_SUPERVISOR_PID"
+#: the container's ident within its node (``1``, ``gpu-2``), in its node name and reports
+IDENT_ENV = "CELERY_CONCURRENT_IDENT"
+#: the supervisor's Unix stream socket that hands a starting container the node's revokes
+REVOKES_ENV = "CELERY_CONCURRENT_REVOKES_SOCKET"
+
+
+def container_nodename(spec: FunctionSpec, ident: str | int, host: str | None = None) -> str:
+    """The node name of a container: it names the function, so Flower shows which."""
+    return f"{spec.name}-{ident}@{host or socket.gethostname()}"
 
 
 @dataclass(frozen=True)
 class LoadReport:
+    """What a container says of its load, whenever it changes (and at least once a second)."""
+
     ident: str
     pid: int
     in_flight: int
