@@ -17,10 +17,10 @@ from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
 from kombu.exceptions import OperationalError
 
 from .errors import ConfigurationError, UnknownFunctionError
-from .gpu import parse_gpu, unplaceable_reason
 from .redact import mask_urls, safe_url
 from .registry import specs_of
 from .spec import RUNTIME_BOUND_NAMES, SECONDS_SETTINGS, FunctionSpec
+from .status import FunctionStatus, merge
 
 COLUMNS = (
     ("function", "FUNCTION"),
@@ -56,68 +56,12 @@ def ask_nodes(app: Any, timeout: float) -> dict[str, Any]:
 def merge_status(
     replies: dict[str, Any], specs: Iterable[FunctionSpec] = ()
 ) -> list[dict[str, Any]]:
-    """Merge the nodes' rows into one per function; functions no node serves get a row too."""
-    rows: dict[str, dict[str, Any]] = {}
-    for node, reply in sorted(replies.items()):
-        for row in reply.get("functions", []):
-            merged = rows.get(row["function"])
-            if merged is None:
-                rows[row["function"]] = {**row, "nodes": [node]}
-                continue
-            merged["nodes"].append(node)
-            for key in (
-                "containers",
-                "ready",
-                "retiring",
-                "in_flight",
-                "capacity",
-                "crashes",
-                "scale_ups",
-                "scale_downs",
-            ):
-                merged[key] = merged.get(key, 0) + row.get(key, 0)
-            merged["backlog"] = max(merged["backlog"], row["backlog"])
-            merged["crash_loop"] = merged["crash_loop"] or row["crash_loop"]
-            merged["error"] = merged["error"] or row["error"]
-            merged["placeable"] = merged.get("placeable", True) or row.get("placeable", True)
-            merged["gpu_devices"] = {**merged.get("gpu_devices", {}), **row.get("gpu_devices", {})}
-            if (row.get("last_event_at") or 0) > (merged.get("last_event_at") or 0):
-                merged["last_event"], merged["last_event_at"] = (
-                    row["last_event"],
-                    row["last_event_at"],
-                )
-    for merged in rows.values():
-        if merged.get("gpu") and merged.get("placeable") is False:
-            # Every node that answered serves it, and none has the devices it asks for.
-            merged["error"] = unplaceable_reason(parse_gpu(merged["gpu"]) or ())
-    for spec in specs:
-        rows.setdefault(spec.name, _unserved_row(spec))
-    return [rows[name] for name in sorted(rows)]
-
-
-def _unserved_row(spec: FunctionSpec) -> dict[str, Any]:
-    return {
-        "function": spec.name,
-        "queue": spec.queue,
-        "gpu": spec.as_dict()["gpu"],
-        "gpu_devices": {},
-        "nodes": [],
-        "containers": 0,
-        "ready": 0,
-        "retiring": 0,
-        "min_containers": spec.min_containers,
-        "max_containers": spec.max_containers,
-        "max_inputs": spec.max_inputs,
-        "target_inputs": spec.target_inputs,
-        "in_flight": 0,
-        "backlog": None,
-        "capacity": 0,
-        "crashes": 0,
-        "crash_loop": False,
-        "error": "no node supervises it",
-        "last_event": None,
-        "last_event_at": None,
+    """Merge the nodes' replies into one row per function (see :func:`status.merge`)."""
+    rows = {
+        node: [FunctionStatus.from_dict(row) for row in reply.get("functions", [])]
+        for node, reply in replies.items()
     }
+    return [row.as_dict() for row in merge(rows, specs)]
 
 
 def _watch_columns() -> tuple[tuple[str, str], ...]:
