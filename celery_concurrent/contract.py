@@ -46,10 +46,6 @@ class LoadReport:
     busy_at: float
     #: the container has connected to the broker and consumes its queue
     ready: bool = True
-    #: inputs this container has finished so far
-    processed: int = 0
-    #: ``time.monotonic()`` of the first input it started, or 0
-    first_input_at: float = 0.0
     #: delivery tags of the messages it holds unacknowledged (Redis only): what its
     #: supervisor puts back in the queue at once if it dies
     held: tuple[str, ...] = ()

@@ -37,13 +37,13 @@ ORPHAN_GRACE_SECONDS = 5.0
 #: under the socket's send buffer (208 KiB by default); tags beyond these fall back on
 #: the transport's ``visibility_timeout``
 MAX_HELD_TAGS = 4096
-#: a container holding more inputs than this, on Redis, reports at most once per
-#: HELD_REPORT_INTERVAL: finding its unacknowledged tags costs a pass over them all
-HELD_REPORT_THRESHOLD = 64
 #: the shortest time between two load reports
 REPORT_INTERVAL = 0.01
 #: how often the container checks that its supervisor is alive
 SUPERVISOR_CHECK_INTERVAL = 0.5
+#: a container holding more inputs than this, on Redis, reports at most once per
+#: HELD_REPORT_INTERVAL: finding its unacknowledged tags costs a pass over them all
+HELD_REPORT_THRESHOLD = 64
 HELD_REPORT_INTERVAL = 0.01
 #: ... and waits this many times the CPU time its last report took, so that reporting
 #: stays about 2 % of the container at 10,000 inputs in flight too
@@ -66,7 +66,6 @@ class LoadReporter(bootsteps.StartStopStep):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._processed = 0
-        self._first_input_at = 0.0
         self._ready = False
         self._held: tuple[str, ...] = ()
         self.reports_held = False
@@ -104,8 +103,6 @@ class LoadReporter(bootsteps.StartStopStep):
         self._changed.set()
 
     def _on_prerun(self, **_: Any) -> None:
-        if not self._first_input_at:
-            self._first_input_at = time.monotonic()
         self._changed.set()
 
     def _on_postrun(self, **_: Any) -> None:
@@ -151,8 +148,6 @@ class LoadReporter(bootsteps.StartStopStep):
                     in_flight=in_flight,
                     busy_at=busy_at,
                     ready=self._ready,
-                    processed=self._processed,
-                    first_input_at=self._first_input_at,
                     held=self._held,
                 )
                 try:
