@@ -13,8 +13,12 @@ from celery_concurrent import FunctionSpec
 from celery_concurrent.supervisor.policy import (
     ContainerState,
     Decision,
+    FunctionLoad,
     Observation,
+    crash_backoff,
     decide,
+    device_capacity,
+    node_share,
     upper_bound,
 )
 
@@ -568,3 +572,103 @@ def test_demand_over_capacity_below_the_bound_starts_a_container(obs: Observatio
     demand = obs.backlog + obs.in_flight
     if demand > live * obs.spec.target_inputs and (upper is None or live < upper):
         assert decision.start >= 1
+
+
+# -- what the decision holds back --------------------------------------------------------
+
+
+def test_an_unreadable_backlog_decides_nothing_and_keeps_what_runs() -> None:
+    decision = decide(Observation(spec(keep_warm=2), None, (idle("a", 3600),)))
+    assert decision.held and not decision.changes
+    assert decision.reason == "broker unreachable: keeping what runs"
+
+
+def test_a_function_the_node_cannot_place_gets_no_decision() -> None:
+    decision = decide(Observation(spec(gpu="H100"), 50, (), node_capacity=0, placeable=False))
+    assert decision.held and decision.start == 0
+
+
+def test_backing_off_after_a_crash_starts_nothing_but_still_names_the_demand() -> None:
+    decision = decide(Observation(spec(), 3, (), backing_off=True))
+    assert decision.start == 0 and decision.desired == 3
+    assert decision.reason.endswith("backing off after a crash")
+
+
+def test_backing_off_still_retires_idle_containers() -> None:
+    obs = Observation(spec(scaledown_window=1), 0, (idle("a", 5),), backing_off=True)
+    assert decide(obs).retire == ("a",)
+
+
+def test_the_reason_names_each_cause_of_a_retirement_once() -> None:
+    containers = (busy("a"), idle("b", 100), idle("c", 100))
+    decision = decide_for(spec(max_containers=2, scaledown_window=10), 0, containers)
+    # c is over max_containers (least busy first), then b idle; a keeps its input.
+    assert decision.retire == ("b", "c")
+    assert decision.reason.count("above max_containers 2") == 1
+    assert decision.reason.count("idle for scaledown_window 10s") == 1
+
+
+# -- the node's fair share ----------------------------------------------------------------
+
+
+def loads(**by_name: tuple[int, int] | tuple[int, int, bool]) -> dict[str, FunctionLoad]:
+    """``name=(live, backlog[, placeable])`` for each function on the node."""
+    return {name: FunctionLoad(*values) for name, values in by_name.items()}
+
+
+SHARES = [
+    # (bound, asking, loads, expected share)
+    pytest.param(8, "a", loads(a=(0, 0)), 8, id="alone-gets-the-whole-node"),
+    pytest.param(8, "a", loads(a=(0, 100), b=(0, 0)), 8, id="idle-neighbour-takes-nothing"),
+    pytest.param(8, "a", loads(a=(2, 100), b=(3, 0)), 5, id="free-room-beside-live-neighbour"),
+    pytest.param(8, "a", loads(a=(0, 100), b=(8, 50)), 4, id="flood-never-starves-fair-share-half"),
+    pytest.param(
+        9, "a", loads(a=(0, 1), b=(6, 9), c=(3, 9)), 3, id="three-busy-share-a-third-each"
+    ),
+    pytest.param(2, "a", loads(a=(0, 1), b=(1, 9), c=(1, 9)), 1, id="never-below-one-container"),
+    pytest.param(8, "a", loads(a=(0, 5), b=(0, 0), c=(0, 0)), 8, id="quiet-functions-are-not-busy"),
+    pytest.param(
+        8, "a", loads(a=(0, 5), gpu=(0, 50, False)), 8, id="unplaceable-backlog-is-not-busy-here"
+    ),
+    pytest.param(8, "a", loads(a=(0, 5), gpu=(2, 50, False)), 6, id="live-unplaceable-holds-room"),
+    pytest.param(8, "b", loads(a=(0, 100), b=(8, 50)), 8, id="the-flooder-keeps-what-is-free"),
+    pytest.param(4, "a", loads(a=(6, 9)), 4, id="a-lowered-bound-is-the-share"),
+]
+
+
+@pytest.mark.parametrize(("bound", "asking", "by_name", "expected"), SHARES)
+def test_node_share(
+    bound: int, asking: str, by_name: dict[str, FunctionLoad], expected: int
+) -> None:
+    assert node_share(bound, asking, by_name) == expected
+
+
+@pytest.mark.parametrize(
+    ("share", "live", "free_slots", "expected"),
+    [
+        pytest.param(8, 0, None, 8, id="cpu-function-is-not-clamped"),
+        pytest.param(8, 0, 2, 2, id="two-free-devices-two-containers"),
+        pytest.param(8, 2, 0, 2, id="running-containers-keep-their-devices"),
+        pytest.param(1, 0, 4, 1, id="the-node-share-still-bounds-it"),
+        pytest.param(8, 0, 0, 0, id="no-free-device-no-new-container"),
+    ],
+)
+def test_device_capacity(share: int, live: int, free_slots: int | None, expected: int) -> None:
+    assert device_capacity(share, live, free_slots) == expected
+
+
+def test_a_flooded_node_drains_the_flooder_down_to_its_fair_share() -> None:
+    by_name = loads(a=(0, 100), b=(8, 50))
+    a_obs = Observation(spec(), 100, (), node_capacity=node_share(8, "a", by_name))
+    b_containers = tuple(busy(str(i)) for i in range(8))
+    b_share = node_share(8, "b", {**by_name, "a": FunctionLoad(4, 100)})
+    b_obs = Observation(spec(), 50, b_containers, node_capacity=b_share)
+    assert decide(a_obs).start == 4
+    assert len(decide(b_obs).retire) == 4
+
+
+@pytest.mark.parametrize(
+    ("streak", "delay"), [(0, 1.0), (1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (50, 60.0)]
+)
+def test_crash_backoff_doubles_up_to_a_minute(streak: int, delay: float) -> None:
+    assert crash_backoff(streak) == delay
