@@ -520,6 +520,10 @@ def test_renewed_message_outlives_visibility_timeout_and_comes_back_once_its_hol
 
 
 def test_held_leases_follow_kombus_global_keyprefix(broker_url, rds):
+    from celery import Celery
+
+    from celery_concurrent.supervisor.redelivery import Redelivery
+
     queue = exchange_queue("cc-leases-prefixed")
     options = {"global_keyprefix": "pfx:", "visibility_timeout": VISIBILITY_TIMEOUT}
     with Connection(broker_url, transport_options=options) as conn:
@@ -536,7 +540,14 @@ def test_held_leases_follow_kombus_global_keyprefix(broker_url, rds):
 
         wait_for(lambda: held.expired_holders() == ["h"], timeout=30, what="the holder to expire")
         (tag,) = held.claim_expired("h", "celery@a") or []
-        channel.qos.restore_by_tag(tag)
+        app = Celery(broker=broker_url)
+        app.conf.broker_transport_options = options
+        redelivery = Redelivery(app)
+        try:
+            # The supervisor's own redelivery path reads the prefixed keys too.
+            assert redelivery.restore([tag]) == 1
+        finally:
+            redelivery.close()
         held.forget("h")
         assert rds.llen(f"pfx:{queue.name}") == 1
         assert drain(channel, queue) == [message.payload]

@@ -48,8 +48,12 @@ class Redelivery(OwnChannel):
             return 0
         try:
             channel = self._ensure_channel()
-            # The channel's own key names: transport options may rename them.
-            waiting = channel.client.hmget(channel.unacked_key, list(tags))
+            # The channel's own key names: transport options may rename them. HGET, not
+            # HMGET: kombu's client adds a global_keyprefix to the one, not the other.
+            with channel.client.pipeline(transaction=False) as pipe:
+                for tag in tags:
+                    pipe.hget(channel.unacked_key, tag)
+                waiting = pipe.execute()
             for tag, payload in zip(tags, waiting, strict=True):
                 if payload is not None:
                     channel.qos.restore_by_tag(tag)
