@@ -15,6 +15,12 @@ from celery import Celery, signals
 from celery._state import connect_on_app_finalize
 from celery.utils.log import get_logger
 
+from .constants import (
+    CONTAINERS_PER_CPU,
+    DEFAULT_METRICS_ADDRESS,
+    DEFAULT_POLL_INTERVAL,
+    MEMORY_PER_CONTAINER,
+)
 from .container.prefetch_gate import PrefetchGate
 from .container.reporter import LoadReporter
 from .container.revokes import RevokeSync
@@ -67,8 +73,8 @@ WORKER_OPTIONS = (
         ["--concurrent-max-containers"],
         type=click.IntRange(min=1),
         default=None,
-        help="The node-wide bound on containers (default: 4 per CPU, at most one per "
-        "256 MiB of memory).",
+        help=f"The node-wide bound on containers (default: {CONTAINERS_PER_CPU} per CPU, at "
+        f"most one per {MEMORY_PER_CONTAINER >> 20} MiB of memory).",
     ),
     click.Option(
         [GPUS_OPTION],
@@ -81,7 +87,7 @@ WORKER_OPTIONS = (
         ["--concurrent-poll-interval"],
         type=click.FloatRange(min=0.005, max=5.0),
         default=None,
-        help="Seconds between the supervisor's backlog reads (default 0.05).",
+        help=f"Seconds between the supervisor's backlog reads (default {DEFAULT_POLL_INTERVAL:g}).",
     ),
     click.Option(
         ["--concurrent-metrics-port"],
@@ -93,7 +99,7 @@ WORKER_OPTIONS = (
     click.Option(
         ["--concurrent-metrics-address"],
         default=None,
-        help="The address the metrics endpoint binds (default 127.0.0.1).",
+        help=f"The address the metrics endpoint binds (default {DEFAULT_METRICS_ADDRESS}).",
     ),
 )
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from .constants import DEFAULT_MAX_INPUTS, DEFAULT_SCALEDOWN_WINDOW
 from .errors import ConfigurationError
 from .gpu import GpuRequest, parse_gpu
 
@@ -51,9 +52,6 @@ OPTION_NAMES: frozenset[str] = frozenset(
 
 SYNC_POOLS = ("threads", "gevent")
 ASYNC_POOL = "asyncio"
-
-DEFAULT_MAX_INPUTS = 1
-DEFAULT_SCALEDOWN_WINDOW = 60.0
 
 
 @dataclass(frozen=True)

@@ -24,30 +24,21 @@ from celery.utils.log import get_logger
 from celery.worker import state
 
 from ..brokers import is_redis
+from ..constants import (
+    HELD_REPORT_COST_RATIO,
+    HELD_REPORT_INTERVAL,
+    HELD_REPORT_THRESHOLD,
+    MAX_HELD_TAGS,
+    ORPHAN_GRACE_SECONDS,
+    REPORT_INTERVAL,
+    SUPERVISOR_CHECK_INTERVAL,
+)
 from ..contract import IDENT_ENV, REPORT_ENV, SUPERVISOR_PID_ENV, LoadReport
 from ..redact import mask_urls
 
 logger = get_logger(__name__)
 
 __all__ = ["IDENT_ENV", "REPORT_ENV", "SUPERVISOR_PID_ENV", "LoadReporter"]
-
-#: a container whose supervisor died gets this long to drain before it exits hard
-ORPHAN_GRACE_SECONDS = 5.0
-#: the most delivery tags one report carries (about 39 bytes each): a datagram must stay
-#: under the socket's send buffer (208 KiB by default); tags beyond these fall back on
-#: the transport's ``visibility_timeout``
-MAX_HELD_TAGS = 4096
-#: the shortest time between two load reports
-REPORT_INTERVAL = 0.01
-#: how often the container checks that its supervisor is alive
-SUPERVISOR_CHECK_INTERVAL = 0.5
-#: a container holding more inputs than this, on Redis, reports at most once per
-#: HELD_REPORT_INTERVAL: finding its unacknowledged tags costs a pass over them all
-HELD_REPORT_THRESHOLD = 64
-HELD_REPORT_INTERVAL = 0.01
-#: ... and waits this many times the CPU time its last report took, so that reporting
-#: stays about 2 % of the container at 10,000 inputs in flight too
-HELD_REPORT_COST_RATIO = 50
 
 
 class LoadReporter(bootsteps.StartStopStep):

@@ -16,12 +16,10 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 from celery.worker import state
 
+from ..constants import REVOKES_RECEIVE_TIMEOUT
 from ..contract import REVOKES_ENV
 
 logger = get_logger(__name__)
-
-#: how long a container waits for its node's snapshot before it starts without it
-RECEIVE_TIMEOUT = 10.0
 
 
 class RevokeSync(bootsteps.StartStopStep):
@@ -47,7 +45,7 @@ class RevokeSync(bootsteps.StartStopStep):
         merge_snapshot(snapshot)
 
 
-def receive_snapshot(address: str, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
+def receive_snapshot(address: str, timeout: float = REVOKES_RECEIVE_TIMEOUT) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(address)

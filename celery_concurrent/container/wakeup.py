@@ -16,9 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-#: how long a pool thread waits for the event loop to accept its input before it
-#: accepts it itself (the loop is stopping)
-ACCEPT_ON_LOOP_TIMEOUT = 5.0
+from ..constants import ACCEPT_ON_LOOP_TIMEOUT
 
 
 class SlotWakeup:

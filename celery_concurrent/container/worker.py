@@ -15,6 +15,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from ..brokers import is_redis
+from ..constants import REDIS_POLL_SECONDS
 from ..contract import REPORT_ENV, container_nodename
 from ..errors import ConfigurationError
 from ..routing import declare_queue
@@ -24,8 +25,6 @@ logger = get_logger(__name__)
 
 ASYNCIO_POOL_CLS = "celery_concurrent.container.aio_pool:AsyncioPool"
 THREAD_POOL_CLS = "celery_concurrent.container.thread_pool:ThreadPool"
-#: how long an idle container's ``BRPOP`` on Redis waits (see :func:`_shorten_redis_poll`)
-REDIS_POLL_SECONDS = 0.25
 
 
 def pool_for(spec: FunctionSpec) -> str:

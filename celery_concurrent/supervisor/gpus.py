@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from celery.utils.log import get_logger
 
+from ..constants import GPU_DETECT_TIMEOUT
 from ..errors import ConfigurationError
 
 logger = get_logger(__name__)
@@ -30,7 +31,6 @@ DETECT_COMMAND = (
     "--query-gpu=index,name,memory.total,uuid",
     "--format=csv,noheader",
 )
-DETECT_TIMEOUT_SECONDS = 10.0
 
 _OVERRIDE_ENTRY = re.compile(r"^(?P<id>[A-Za-z0-9_\-]+)\s*:\s*(?P<name>[A-Za-z0-9][\w .\-]*)$")
 
@@ -153,7 +153,7 @@ def run_nvidia_smi() -> str | None:
             DETECT_COMMAND,
             capture_output=True,
             text=True,
-            timeout=DETECT_TIMEOUT_SECONDS,
+            timeout=GPU_DETECT_TIMEOUT,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -37,13 +37,13 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from ..constants import DEFAULT_METRICS_ADDRESS
 from .supervisor import Supervisor
 
 logger = get_logger(__name__)
 
 PREFIX = "celery_concurrent_"
 LABELS = ("function", "node")
-DEFAULT_ADDRESS = "127.0.0.1"
 
 #: gauge name -> (status row key, help)
 GAUGES = {
@@ -200,7 +200,7 @@ class MetricsStep(bootsteps.StartStopStep):
         **kwargs: Any,
     ) -> None:
         self.port = concurrent_metrics_port
-        self.address = concurrent_metrics_address or DEFAULT_ADDRESS
+        self.address = concurrent_metrics_address or DEFAULT_METRICS_ADDRESS
         # A container has no supervisor; its node serves the metrics of all of them.
         self.enabled = concurrent_metrics_port is not None and not concurrent_function
         self.server: MetricsServer | None = None

@@ -26,6 +26,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..constants import BACKOFF_BASE_SECONDS, BACKOFF_MAX_SECONDS
 from ..spec import FunctionSpec
 
 
@@ -231,12 +232,6 @@ def device_capacity(share: int, live: int, free_slots: int | None) -> int:
     containers) bound new containers. ``None`` for a CPU function: no clamp.
     """
     return share if free_slots is None else min(share, live + free_slots)
-
-
-#: a container that exits within this long of its start counts towards a crash streak
-CRASH_WINDOW_SECONDS = 30.0
-BACKOFF_BASE_SECONDS = 1.0
-BACKOFF_MAX_SECONDS = 60.0
 
 
 def crash_backoff(consecutive_crashes: int) -> float:

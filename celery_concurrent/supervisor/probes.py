@@ -16,14 +16,11 @@ from celery.utils.log import get_logger
 from kombu.exceptions import ChannelError, OperationalError
 
 from ..brokers import is_redis
+from ..constants import RECONNECT_INTERVAL
 from ..redact import mask_urls
 from .broker import OwnChannel
 
 logger = get_logger(__name__)
-
-#: after the broker could not be reached, the probe tries again this much later (each
-#: failed attempt may cost a connect timeout, and every function's backlog asks)
-RECONNECT_INTERVAL = 0.5
 
 
 class BacklogProbe(OwnChannel):

@@ -21,10 +21,9 @@ from typing import Any
 from celery.utils.log import get_logger
 from celery.worker import state
 
-logger = get_logger(__name__)
+from ..constants import REVOKES_SEND_TIMEOUT
 
-#: how long a container may take to read its snapshot before the node gives up on it
-SEND_TIMEOUT = 5.0
+logger = get_logger(__name__)
 
 
 def revoked_snapshot() -> dict[str, Any]:
@@ -61,7 +60,7 @@ class RevokeServer:
                 return  # closed
             with conn:
                 try:
-                    conn.settimeout(SEND_TIMEOUT)
+                    conn.settimeout(REVOKES_SEND_TIMEOUT)
                     conn.sendall(json.dumps(revoked_snapshot(), default=str).encode())
                 except OSError as exc:
                     logger.debug("celery-concurrent: a container left before its revokes: %s", exc)

@@ -1,0 +1,72 @@
+"""Every tunable of celery-concurrent, with its default, in one place.
+
+The decorator's own defaults are the function's (``max_inputs`` 1, ``scaledown_window``
+60 s); the rest are the node's and the containers'. Help texts and docs are built from
+these, so a default is written once.
+"""
+
+from __future__ import annotations
+
+# -- a function (the decorator) --------------------------------------------------------
+
+#: inputs one container runs at once, unless ``max_inputs`` says otherwise
+DEFAULT_MAX_INPUTS = 1
+#: seconds a container may sit idle before it is retired
+DEFAULT_SCALEDOWN_WINDOW = 60.0
+
+# -- a node (the supervisor) -----------------------------------------------------------
+
+#: seconds between two supervisor turns (each reads every backlog in one round trip)
+DEFAULT_POLL_INTERVAL = 0.05
+#: the node-wide bound on containers, unless ``--concurrent-max-containers`` says: this
+#: many per CPU ...
+CONTAINERS_PER_CPU = 4
+#: ... and at most one per this much memory
+MEMORY_PER_CONTAINER = 256 << 20
+#: a container that does not drain within this long after it was retired is killed
+DEFAULT_DRAIN_TIMEOUT = 300.0
+#: a load report with the most delivery tags a container sends fits in this
+MAX_REPORT_BYTES = 256 * 1024
+#: how long the backlog probe waits before it tries an unreachable broker again
+RECONNECT_INTERVAL = 0.5
+#: a container that exits within this long of its start counts towards a crash streak
+CRASH_WINDOW_SECONDS = 30.0
+#: the back-off after a crash doubles from this ...
+BACKOFF_BASE_SECONDS = 1.0
+#: ... up to this
+BACKOFF_MAX_SECONDS = 60.0
+#: the buckets of the cold-start histogram (seconds from a start to the first ready report)
+COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: how long a starting container may take to read the node's revokes
+REVOKES_SEND_TIMEOUT = 5.0
+#: how long ``nvidia-smi`` may take to list the node's GPUs
+GPU_DETECT_TIMEOUT = 10.0
+#: the address the metrics endpoint binds unless ``--concurrent-metrics-address`` says
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+
+# -- a container -----------------------------------------------------------------------
+
+#: how long an idle container's ``BRPOP`` on Redis waits (a warm shutdown waits for it)
+REDIS_POLL_SECONDS = 0.25
+#: how long a container waits for its node's revokes before it starts without them
+REVOKES_RECEIVE_TIMEOUT = 10.0
+#: a container whose supervisor died gets this long to drain before it exits hard
+ORPHAN_GRACE_SECONDS = 5.0
+#: the shortest time between two load reports
+REPORT_INTERVAL = 0.01
+#: how often the container checks that its supervisor is alive
+SUPERVISOR_CHECK_INTERVAL = 0.5
+#: the most delivery tags one report carries (about 39 bytes each): a datagram must stay
+#: under the socket's send buffer (208 KiB by default); tags beyond these fall back on
+#: the transport's ``visibility_timeout``
+MAX_HELD_TAGS = 4096
+#: a container holding more inputs than this, on Redis, reports at most once per
+#: HELD_REPORT_INTERVAL: finding its unacknowledged tags costs a pass over them all
+HELD_REPORT_THRESHOLD = 64
+HELD_REPORT_INTERVAL = 0.01
+#: ... and waits this many times the CPU time its last report took, so that reporting
+#: stays about 2 % of the container at 10,000 inputs in flight too
+HELD_REPORT_COST_RATIO = 50
+#: how long a pool thread waits for the event loop to accept its input before it accepts
+#: it itself (the loop is stopping)
+ACCEPT_ON_LOOP_TIMEOUT = 5.0
