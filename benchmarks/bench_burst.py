@@ -50,16 +50,14 @@ from typing import Any
 import redis
 
 from benchmarks.bench_overhead import python_path, spread
-from benchmarks.bench_reaction import JITTER_SECONDS, fork_server_children, wait_until
+from benchmarks.bench_reaction import JITTER_SECONDS, wait_until
 from benchmarks.common import (
-    burst,
     environment,
-    publish_template,
     reset_tally,
     wait_for_tally,
 )
 from celery_concurrent import spec_of
-from tests.support import RedisServer, Workers
+from tests.support import RedisServer, Workers, burst, containers_of, publish_template
 
 APP = "benchmarks.apps"
 OURS = f"{APP}.burst_ours"
@@ -125,7 +123,7 @@ def measure(
 ) -> Run:
     if side.name == "ours":
         # Each burst finds no container: the last run's have retired (scaledown_window 1 s).
-        wait_until(lambda: not fork_server_children(proc.pid), timeout, "ours: cold", proc)
+        wait_until(lambda: not containers_of(proc.pid), timeout, "ours: cold", proc)
     time.sleep(pause)  # a burst lands anywhere in the supervisor's poll, as a real one does
     reset_tally(rds, side.key)
     began = burst(rds, side.template, side.queue)

@@ -49,18 +49,16 @@ from typing import Any
 import redis
 
 from benchmarks.bench_overhead import python_path, spread
-from benchmarks.bench_reaction import fork_server_children, wait_until
+from benchmarks.bench_reaction import wait_until
 from benchmarks.common import (
     ProcessSampler,
-    burst,
     environment,
     publish,
-    publish_template,
     reset_tally,
     wait_for_tally,
 )
 from celery_concurrent import spec_of
-from tests.support import RedisServer, Workers
+from tests.support import RedisServer, Workers, burst, containers_of, publish_template
 
 APP = "benchmarks.apps"
 OURS = f"{APP}.density_ours"
@@ -131,8 +129,8 @@ def measured_pid(side: Side, proc: Any, timeout: float) -> int:
     """The process that runs the side's inputs: the node's container, or the worker."""
     if side.worker != "node":
         return int(proc.pid)
-    wait_until(lambda: fork_server_children(proc.pid), timeout, "ours: the container", proc)
-    return int(fork_server_children(proc.pid)[0].pid)
+    wait_until(lambda: containers_of(proc.pid), timeout, "ours: the container", proc)
+    return int(containers_of(proc.pid)[0].pid)
 
 
 def measure(

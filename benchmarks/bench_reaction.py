@@ -94,14 +94,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 
 from benchmarks.bench_overhead import cpu_seconds, python_path
 from benchmarks.common import environment
 from celery_concurrent import spec_of
 from celery_concurrent.supervisor.supervisor import DEFAULT_POLL_INTERVAL
-from tests.support import RedisServer, Workers, stop_process
+from tests.support import RedisServer, Workers, children, containers_of, stop_process
 
 APP = "benchmarks.apps"
 OURS = f"{APP}.reaction_ours"
@@ -218,7 +217,7 @@ class Ours(Side):
     def wait_cold(self, timeout: float) -> None:
         assert self.proc is not None
         node = self.proc.pid
-        wait_until(lambda: not fork_server_children(node), timeout, "ours: cold", self.proc)
+        wait_until(lambda: not containers_of(node), timeout, "ours: cold", self.proc)
 
     def is_new(self, start: Start) -> bool:
         # Container names are reused (the lowest free ident), so tell them by PID.
@@ -279,24 +278,6 @@ class Autoscale(Side):
 
     def is_new(self, start: Start) -> bool:
         return start.pid not in self.before
-
-
-def children(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children()
-    except psutil.NoSuchProcess:
-        return []
-
-
-def fork_server_children(node_pid: int) -> list[psutil.Process]:
-    """A node's containers: the children of its fork server."""
-    for child in children(node_pid):
-        try:
-            if "forkserver" in " ".join(child.cmdline()):
-                return child.children()
-        except psutil.NoSuchProcess:
-            continue
-    return []
 
 
 def wait_until(
@@ -384,7 +365,7 @@ def measure_idle(
     node = workers.start(APP, *args, wait_ready=False)
     try:
         wait_until(
-            lambda: len(fork_server_children(node.pid)) == len(IDLE_FUNCTIONS),
+            lambda: len(containers_of(node.pid)) == len(IDLE_FUNCTIONS),
             60,
             "idle node: keep_warm containers",
             node,
@@ -393,7 +374,7 @@ def measure_idle(
         found = shares(
             {
                 "node": [node.pid],
-                "containers": [p.pid for p in fork_server_children(node.pid)],
+                "containers": [p.pid for p in containers_of(node.pid)],
                 # the fork server, the node's pool process, multiprocessing's tracker
                 "children": [p.pid for p in children(node.pid)],
             },

@@ -41,10 +41,10 @@ from typing import Any
 import redis
 
 from benchmarks.bench_overhead import python_path, spread
-from benchmarks.bench_reaction import fork_server_children, wait_until
+from benchmarks.bench_reaction import wait_until
 from benchmarks.common import POLL_SECONDS, environment, publish, scrape
 from celery_concurrent import spec_of
-from tests.support import RedisServer, Workers, free_port
+from tests.support import RedisServer, Workers, containers_of, free_port
 
 APP = "benchmarks.apps"
 OURS = f"{APP}.scaledown_ours"
@@ -80,7 +80,7 @@ class Retirement:
 
 
 def living(node_pid: int) -> set[int]:
-    return {child.pid for child in fork_server_children(node_pid)}
+    return {child.pid for child in containers_of(node_pid)}
 
 
 def steady(port: int, node_pid: int, keep_warm: int) -> bool:

@@ -1,5 +1,6 @@
-"""What the scenario benchmarks share: publishing a burst, reading a run's tally, the
+"""What the scenario benchmarks share: publishing inputs, reading a run's tally, the
 environment a run saw, sampling a process's threads and memory, and a node's metrics.
+(A burst at one instant, :func:`tests.support.burst`, is the tests' too.)
 
 Each benchmark is a module with a ``main(argv)`` that starts its own Redis and its own
 workers, stops every process it started by its PID, and writes
@@ -50,31 +51,6 @@ def publish(app: Any, task_name: str, args: tuple[Any, ...], total: int, queue: 
         for _ in range(total):
             task.apply_async(args, producer=producer, queue=queue, routing_key=queue)
     return time.monotonic() - began
-
-
-def publish_template(
-    app: Any, rds: redis.Redis, task_name: str, args: tuple[Any, ...], total: int, template: str
-) -> None:
-    """Publish ``total`` inputs once into the list ``template``; :func:`burst` copies it.
-
-    The messages name the template as their routing key; the Redis transport delivers
-    a message to the queue it was popped from, whatever its routing key says.
-    """
-    rds.delete(template)
-    publish(app, task_name, args, total, template)
-    assert rds.llen(template) == total, (template, rds.llen(template))
-
-
-def burst(rds: redis.Redis, template: str, queue: str) -> float:
-    """Put a whole template of inputs in ``queue`` at once; return ``time.time()`` then.
-
-    ``COPY`` makes the queue in one step, so the burst arrives at one instant and the
-    time spent publishing is not part of the run; a worker blocked on ``BRPOP`` wakes at
-    once.
-    """
-    began = time.time()
-    rds.copy(template, queue, replace=True)
-    return began
 
 
 @dataclass(frozen=True)

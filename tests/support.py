@@ -6,19 +6,29 @@ the test that started it fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+import redis
 
 from celery_concurrent.testing import RedisServer, free_port, redis_server_binary, stop_process
 
-__all__ = ["RedisServer", "Workers", "free_port", "redis_server_binary", "stop_process"]
+__all__ = [
+    "RedisServer",
+    "Workers",
+    "free_port",
+    "redis_server_binary",
+    "stop_process",
+    "stop_processes",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -92,9 +102,73 @@ class Workers:
         return proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            stop_process(proc)
+        stop_processes(self.procs)
         self.procs.clear()
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    """Stop processes and their process groups, all at once: SIGTERM to every group,
+    then SIGKILL to every group after ``grace`` seconds.
+
+    All at once, so that stopping many workers takes one grace period, not one each.
+    A Ctrl-C or SIGTERM during the grace period cuts it short: whatever is left is
+    killed before the interruption goes on, so that no worker outlives an impatient
+    second Ctrl-C.
+    """
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    interrupted: BaseException | None = None
+    try:
+        deadline = time.monotonic() + grace
+        while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except BaseException as exc:  # noqa: BLE001 - re-raised once everything is killed
+        interrupted = exc
+    # The group also holds what the leader started (a node's containers), which may
+    # outlive a leader that has exited already.
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    if interrupted is not None:
+        raise interrupted
+
+
+def publish_template(
+    app: Any, rds: redis.Redis, task_name: str, args: tuple[Any, ...], total: int, template: str
+) -> list[Any]:
+    """Publish ``total`` inputs once into the Redis list ``template``, for :func:`burst`;
+    return their results (``AsyncResult``).
+
+    The messages name the template as their routing key; the Redis transport delivers
+    a message to the queue it was popped from, whatever its routing key says.
+    """
+    task = app.tasks[task_name]
+    rds.delete(template)
+    with app.producer_or_acquire() as producer:
+        results = [
+            task.apply_async(args, producer=producer, queue=template, routing_key=template)
+            for _ in range(total)
+        ]
+    assert rds.llen(template) == total, (template, rds.llen(template))
+    return results
+
+
+def burst(rds: redis.Redis, template: str, queue: str) -> float:
+    """Put a whole template of inputs in ``queue`` at once; return ``time.time()`` then.
+
+    ``COPY`` makes the queue in one step, so the burst arrives at one instant, however
+    long publishing it took (seconds, on a loaded machine); a worker blocked on
+    ``BRPOP`` wakes at once.
+    """
+    began = time.time()
+    rds.copy(template, queue, replace=True)
+    return began
 
 
 def wait_for(
@@ -110,15 +184,30 @@ def wait_for(
     raise AssertionError(f"{what} not met within {timeout}s")
 
 
+#: how long to wait for the nodes' answers to a broadcast, asked again with the next
+#: while no node has answered: a node on a loaded machine answers late
+ANSWER_TIMEOUTS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 def row(app_module: Any, name: str) -> dict[str, Any]:
-    """The nodes' status row of ``name`` (asked again if a node was slow to answer)."""
+    """The nodes' status row of ``name`` (asked again, waiting longer, if no node answered)."""
     from celery_concurrent.cli import collect_status
 
-    for _ in range(5):
-        for found in collect_status(app_module.app, timeout=0.5):
+    for timeout in ANSWER_TIMEOUTS:
+        for found in collect_status(app_module.app, timeout=timeout):
             if found["function"] == name and found["nodes"]:
                 return found
     raise AssertionError(f"no node reported {name}")
+
+
+def running(store: redis.Redis, key: str) -> int:
+    """How many inputs of ``key`` run now, as the test apps count them (``running:<key>``)."""
+    return int(store.get(f"running:{key}") or 0)
+
+
+def done(store: redis.Redis, key: str) -> int:
+    """How many inputs of ``key`` have finished (``done:<key>``)."""
+    return int(store.get(f"done:{key}") or 0)
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -127,6 +216,29 @@ def descendants(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def children(pid: int) -> list[psutil.Process]:
+    """The processes ``pid`` started itself (none once it is gone)."""
+    try:
+        return psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def containers_of(node_pid: int) -> list[psutil.Process]:
+    """A node's forked containers, draining ones too: the children of its fork server.
+
+    Read from ``/proc`` in a millisecond, so a test can watch them as fast as they
+    change, where a status broadcast takes half a second or more.
+    """
+    for child in children(node_pid):
+        try:
+            if "forkserver" in " ".join(child.cmdline()):
+                return child.children()
+        except psutil.NoSuchProcess:
+            continue
+    return []
 
 
 def thread_count(pid: int) -> int:

@@ -23,7 +23,8 @@ from celery import group
 from celery_concurrent.cli import collect_status
 from celery_concurrent.supervisor.gpus import GPUS_ENV
 
-from .support import ROOT, wait_for
+from .apps.measure import UNTIL_RELEASED
+from .support import ANSWER_TIMEOUTS, ROOT, running, wait_for
 
 APP = "tests.apps.gpu"
 EMBED = f"{APP}.embed"
@@ -58,9 +59,9 @@ def start_nodes(workers, function: str, *nodes: str) -> dict[str, Any]:
 
 def node_row(app, node: str, function: str) -> dict[str, Any]:
     """What one node alone says of ``function``."""
-    for _ in range(5):
+    for timeout in ANSWER_TIMEOUTS:
         replies = app.app.control.broadcast(
-            "concurrent_status", reply=True, timeout=1, limit=1, destination=[node]
+            "concurrent_status", reply=True, timeout=timeout, limit=1, destination=[node]
         )
         for reply in replies or []:
             for row in reply.get(node, {}).get("functions", []):
@@ -71,8 +72,8 @@ def node_row(app, node: str, function: str) -> dict[str, Any]:
 
 def merged_row(app, function: str) -> dict[str, Any]:
     """What ``concurrent status`` says of ``function``, once both nodes have answered."""
-    for _ in range(5):
-        for row in collect_status(app.app, timeout=0.5):
+    for timeout in ANSWER_TIMEOUTS:
+        for row in collect_status(app.app, timeout=timeout):
             if row["function"] == function and len(row["nodes"]) == 2:
                 return row
     raise AssertionError(f"both nodes did not report {function}")
@@ -80,15 +81,27 @@ def merged_row(app, function: str) -> dict[str, Any]:
 
 def test_an_a100_function_runs_only_on_the_gpu_node_one_device_per_container(gpu_app, workers):
     procs = start_nodes(workers, EMBED, CPU_NODE, GPU_NODE)
-    result = group(gpu_app.embed.s("e", 0.4) for _ in range(16)).apply_async()
+    result = group(gpu_app.embed.s("e", UNTIL_RELEASED) for _ in range(16)).apply_async()
     most = 0
-    while not result.ready():
+
+    def placed_on_the_gpu_node_only() -> None:
+        nonlocal most
         gpu = node_row(gpu_app, GPU_NODE, EMBED)
         most = max(most, gpu["containers"] + gpu["retiring"])
         held = [device for devices in gpu["gpu_devices"].values() for device in devices]
         assert len(held) == len(set(held)), gpu["gpu_devices"]  # no device held twice
         cpu = node_row(gpu_app, CPU_NODE, EMBED)
         assert cpu["containers"] == 0 and cpu["scale_ups"] == 0, cpu
+
+    def both_devices_busy() -> bool:
+        placed_on_the_gpu_node_only()
+        return running(gpu_app.recorder.store(), "e") == 4
+
+    # Held until released: both containers (two inputs each) fill, however slowly.
+    wait_for(both_devices_busy, 60, interval=0.05, what="both GPU containers full")
+    gpu_app.recorder.release("e")
+    while not result.ready():
+        placed_on_the_gpu_node_only()
     seen = result.get(timeout=30)
 
     devices_of = defaultdict(set)
@@ -122,7 +135,7 @@ def test_a_two_device_function_gets_both_devices_in_one_container(gpu_app, worke
     answers = group(gpu_app.shard.s("s", 0.3) for _ in range(3)).apply_async()
     while not answers.ready():
         assert node_row(gpu_app, GPU_NODE, SHARD)["containers"] == 1
-    assert answers.get(timeout=10) == [{"devices": "0,1", "container": name}] * 3
+    assert answers.get(timeout=30) == [{"devices": "0,1", "container": name}] * 3
 
     # A crashed container gives its devices back: its replacement gets both again.
     os.kill(first["pids"][0], signal.SIGKILL)
@@ -136,7 +149,7 @@ def test_a_two_device_function_gets_both_devices_in_one_container(gpu_app, worke
         what="a replacement container",
     )
     assert node_row(gpu_app, GPU_NODE, SHARD)["gpu_devices"] == {name: ["0", "1"]}
-    assert gpu_app.shard.delay("s").get(timeout=10)["devices"] == "0,1"
+    assert gpu_app.shard.delay("s").get(timeout=30)["devices"] == "0,1"
 
 
 def test_a_function_no_node_can_place_shows_as_unplaceable_and_its_inputs_wait(
@@ -148,7 +161,7 @@ def test_a_function_no_node_can_place_shows_as_unplaceable_and_its_inputs_wait(
         # No result is awaited: none will come while no node has an H100.
         gpu_app.train.apply_async(("t",), ignore_result=True)
     row = wait_for(
-        lambda: (row := merged_row(gpu_app, TRAIN))["backlog"] == 3 and row, 10, what="backlog 3"
+        lambda: (row := merged_row(gpu_app, TRAIN))["backlog"] == 3 and row, 30, what="backlog 3"
     )
     assert row["error"] == "unplaceable: no node has an H100"
     assert (row["containers"], row["crashes"], row["placeable"]) == (0, 0, False)

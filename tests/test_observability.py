@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from celery_concurrent.testing import FlowerServer
 
+from .apps.measure import UNTIL_RELEASED
 from .support import ROOT, free_port, wait_for
 from .test_supervisor import APP, BURST, CRASHY, row
 
@@ -51,11 +52,11 @@ def test_flower_shows_each_container_its_tasks_and_the_retired_ones_offline(
     flower = FlowerServer(APP, broker_url, cwd=str(ROOT), log_path=str(tmp_path / "flower.log"))
     try:
         flower.start()
-        wait_for(lambda: burst_workers(flower) == {container(1): True}, 20, what="keep_warm")
+        wait_for(lambda: burst_workers(flower) == {container(1): True}, 60, what="keep_warm")
 
         first = group(scaling_app.burst.s("f1", 1.0) for _ in range(300)).apply_async()
         wait_for(
-            lambda: sum(burst_workers(flower).values()) == 4, 15, what="four containers online"
+            lambda: sum(burst_workers(flower).values()) == 4, 60, what="four containers online"
         )
         assert first.get(timeout=60) == ["f1"] * 300
 
@@ -64,20 +65,22 @@ def test_flower_shows_each_container_its_tasks_and_the_retired_ones_offline(
             seen = burst_workers(flower)
             return seen if sorted(seen.values()) == [False, False, False, True] else None
 
-        seen = wait_for(retired, 20, interval=0.5, what="three containers offline in Flower")
+        seen = wait_for(retired, 60, interval=0.5, what="three containers offline in Flower")
         assert set(seen) == {container(n) for n in range(1, 5)}
 
         tasks = flower.get_json("/api/tasks?limit=1000")
         assert len(tasks) == 300
         assert {t["state"] for t in tasks.values()} == {"SUCCESS"}
         assert {t["worker"] for t in tasks.values()} == set(seen)
-        assert all(0.9 <= t["runtime"] < 5 for t in tasks.values())
+        # sleep(1) each: what Flower shows is the input's own runtime (a loaded machine
+        # stretches it, never shrinks it)
+        assert all(0.9 <= t["runtime"] < 30 for t in tasks.values())
         assert all(t["name"] == BURST for t in tasks.values())
 
         # A second burst reuses the names: Flower shows the same four, not four more.
         second = group(scaling_app.burst.s("f2", 1.0) for _ in range(300)).apply_async()
         assert second.get(timeout=60) == ["f2"] * 300
-        wait_for(retired, 20, interval=0.5, what="back to one container")
+        wait_for(retired, 60, interval=0.5, what="back to one container")
         assert set(burst_workers(flower)) == set(seen)
         workers_page = flower.get_json("/workers?json=1")["data"]
         assert sum(1 for w in workers_page if w["hostname"].startswith(f"{BURST}-")) == 4
@@ -119,7 +122,7 @@ def burst_value(samples, name: str, **extra: str) -> float:
 
 def test_inspect_stats_has_a_section_for_the_function_pools(scaling_app, workers):
     start_node(workers, BURST)
-    wait_for(lambda: row(scaling_app, BURST)["ready"] == 1, 15, what="keep_warm container")
+    wait_for(lambda: row(scaling_app, BURST)["ready"] == 1, 30, what="keep_warm container")
     stats = scaling_app.app.control.inspect(timeout=1).stats()
     section = stats[f"celery@{HOST}"]["concurrent"]
     assert section["node_max_containers"] >= 1
@@ -131,7 +134,7 @@ def test_inspect_stats_has_a_section_for_the_function_pools(scaling_app, workers
 def test_prometheus_metrics_follow_a_burst_on_a_loopback_port(scaling_app, workers):
     port = free_port()
     node = start_node(workers, BURST, extra=("--concurrent-metrics-port", str(port)))
-    wait_for(lambda: row(scaling_app, BURST)["ready"] == 1, 15, what="keep_warm container")
+    wait_for(lambda: row(scaling_app, BURST)["ready"] == 1, 30, what="keep_warm container")
     listening = [c for c in psutil.Process(node.pid).net_connections("tcp") if c.status == "LISTEN"]
     assert [c.laddr for c in listening if c.laddr.port == port] == [("127.0.0.1", port)]
 
@@ -140,7 +143,7 @@ def test_prometheus_metrics_follow_a_burst_on_a_loopback_port(scaling_app, worke
         count = burst_value(samples, "celery_concurrent_cold_start_seconds_count")
         return samples if count >= 1 else None
 
-    idle = wait_for(cold_started, 5, what="a cold start observed")
+    idle = wait_for(cold_started, 30, what="a cold start observed")
     assert burst_value(idle, "celery_concurrent_containers") == 1
     assert burst_value(idle, "celery_concurrent_min_containers") == 1
     assert burst_value(idle, "celery_concurrent_max_containers") == 4
@@ -151,22 +154,27 @@ def test_prometheus_metrics_follow_a_burst_on_a_loopback_port(scaling_app, worke
     assert burst_value(idle, "celery_concurrent_scale_downs_total") == 0
     assert burst_value(idle, "celery_concurrent_crashes_total") == 0
 
-    result = group(scaling_app.burst.s("m", 1.0) for _ in range(400)).apply_async()
+    result = group(scaling_app.burst.s("m", UNTIL_RELEASED) for _ in range(400)).apply_async()
     peak: dict[str, float] = {}
-    while not result.ready():
+
+    def scaled_up() -> bool:
         samples = scrape(port)
         for name in ("containers", "in_flight", "backlog", "capacity"):
             value = burst_value(samples, f"celery_concurrent_{name}")
             peak[name] = max(peak.get(name, 0), value)
-        time.sleep(0.2)
-    assert result.get(timeout=10) == ["m"] * 400
+        return peak["capacity"] == 200 and peak["in_flight"] > 0 and peak["backlog"] > 0
+
+    # Held until released: the gauges are read while the burst is in full swing.
+    wait_for(scaled_up, 60, interval=0.2, what="the burst in the metrics")
+    scaling_app.recorder.release("m")
+    assert result.get(timeout=60) == ["m"] * 400
     assert peak["containers"] == 4 and peak["capacity"] == 200
     assert 0 < peak["in_flight"] <= 200
     assert peak["backlog"] > 0
 
     wait_for(
         lambda: burst_value(scrape(port), "celery_concurrent_containers") == 1,
-        15,
+        30,
         what="scale-down to keep_warm in the metrics",
     )
     after = scrape(port)
@@ -175,9 +183,16 @@ def test_prometheus_metrics_follow_a_burst_on_a_loopback_port(scaling_app, worke
     assert burst_value(after, "celery_concurrent_crashes_total") == 0
     starts = burst_value(after, "celery_concurrent_cold_start_seconds_count")
     assert starts >= 4
-    # A fork-server container is ready in well under the 2.5 s bucket.
-    assert burst_value(after, "celery_concurrent_cold_start_seconds_bucket", le="2.5") == starts
-    assert 0 < burst_value(after, "celery_concurrent_cold_start_seconds_sum") < 2.5 * starts
+    # Every cold start is in the histogram, each in one bucket (how fast they are is
+    # bench_reaction's figure, not this test's).
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for labels, value in after["celery_concurrent_cold_start_seconds_bucket"].items()
+        if dict(labels)["function"] == BURST
+    )
+    assert buckets[-1] == (float("inf"), starts)
+    assert [value for _, value in buckets] == sorted(value for _, value in buckets)
+    assert burst_value(after, "celery_concurrent_cold_start_seconds_sum") > 0
 
 
 # --- status --watch and the logs -----------------------------------------------------------
@@ -199,10 +214,12 @@ def run_status(broker_url: str, *args: str, timeout: float = 30) -> str:
 
 def test_status_watch_refreshes_with_utilisation_and_errors(scaling_app, workers, broker_url):
     start_node(workers, BURST, CRASHY)
-    wait_for(lambda: row(scaling_app, BURST)["ready"] == 1, 15, what="keep_warm container")
+    wait_for(lambda: row(scaling_app, BURST)["ready"] == 1, 30, what="keep_warm container")
     scaling_app.crashy.delay("never")
-    wait_for(lambda: row(scaling_app, CRASHY)["crash_loop"], 20, what="a crash loop")
-    result = group(scaling_app.burst.s("w", 2.0) for _ in range(400)).apply_async()
+    wait_for(lambda: row(scaling_app, CRASHY)["crash_loop"], 60, what="a crash loop")
+    result = group(scaling_app.burst.s("w", UNTIL_RELEASED) for _ in range(400)).apply_async()
+    # Held until released: every frame of the watch sees the burst in flight.
+    wait_for(lambda: row(scaling_app, BURST)["in_flight"] > 0, 60, what="the burst running")
     began = time.monotonic()
     out = run_status(broker_url, "--watch", "--interval", "1", "--count", "3")
     assert time.monotonic() - began >= 2  # three frames a second apart
@@ -216,6 +233,7 @@ def test_status_watch_refreshes_with_utilisation_and_errors(scaling_app, workers
         assert re.search(r"crash loop \(\d+ crashes\); exit status 3", rows[CRASHY])
     busy = [f for f in frames if re.search(rf"{re.escape(BURST)} .* [1-9]\d*%", f)]
     assert busy, out
+    scaling_app.recorder.release("w")
     result.get(timeout=60)
 
     # --json --watch: one JSON list per line, the same rows as --json.
@@ -228,11 +246,11 @@ def test_status_watch_refreshes_with_utilisation_and_errors(scaling_app, workers
 
 def test_node_log_has_an_info_line_per_scale_decision_and_a_warning_per_crash(scaling_app, workers):
     node = start_node(workers, BURST, CRASHY)
-    wait_for(lambda: row(scaling_app, BURST)["ready"] == 1, 15, what="keep_warm container")
+    wait_for(lambda: row(scaling_app, BURST)["ready"] == 1, 30, what="keep_warm container")
     scaling_app.crashy.delay("never")
     result = group(scaling_app.burst.s("l", 1.0) for _ in range(300)).apply_async()
     assert result.get(timeout=60) == ["l"] * 300
-    wait_for(lambda: row(scaling_app, BURST)["containers"] == 1, 15, what="scale-down")
+    wait_for(lambda: row(scaling_app, BURST)["containers"] == 1, 30, what="scale-down")
     final = row(scaling_app, BURST)
     crashes_before = row(scaling_app, CRASHY)["crashes"]
     log = workers.log_of(node)

@@ -34,12 +34,14 @@ HOW = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = example_parser("python -m examples.io_bound", __doc__, "20 calls of 0.1 s")
+    parser = example_parser("python -m examples.io_bound", __doc__, "20 calls of 0.5 s")
     parser.add_argument("--calls", type=int, default=60, help="GETs per function (default 60)")
     parser.add_argument("--delay", type=float, default=0.25, help="the server's answer time")
     args = parser.parse_args(argv)
     if args.quick:
-        args.calls, args.delay = 20, 0.1
+        # Half a second per call: long enough that a container has taken in all 20 before
+        # the first answer comes, even on a loaded machine, so the server sees them at once.
+        args.calls, args.delay = 20, 0.5
 
     def body(stack: Stack) -> int:
         rows = run(stack, args.calls, args.delay)

@@ -27,24 +27,19 @@ app.conf.update(
 )
 
 recorder = Recorder(app)
-store, enter, leave = recorder.store, recorder.enter, recorder.leave
+store = recorder.store
 
 
 @app.task
 @concurrent(allow_concurrent_inputs=50)
-def sleepy(key: str, seconds: float = 1.0) -> str:
+def sleepy(key: str, seconds: float | None = 1.0) -> str:
     return recorder.sleep(key, seconds)
 
 
 @app.task
 @concurrent(allow_concurrent_inputs=2000)
-async def async_sleepy(key: str, seconds: float = 1.0) -> str:
-    enter(key)
-    try:
-        await asyncio.sleep(seconds)
-    finally:
-        leave(key)
-    return key
+async def async_sleepy(key: str, seconds: float | None = 1.0) -> str:
+    return await recorder.asleep(key, seconds)
 
 
 @concurrent(max_inputs=10)
@@ -96,7 +91,7 @@ async def async_soft_limited(seconds: float) -> str:
 
 @app.task
 @concurrent(allow_concurrent_inputs=10, pool="gevent")
-def green_sleepy(key: str, seconds: float = 0.5) -> str:
+def green_sleepy(key: str, seconds: float | None = 0.5) -> str:
     return recorder.sleep(key, seconds)
 
 

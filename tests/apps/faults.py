@@ -51,7 +51,7 @@ def _finish(task: Task, key: str) -> str:
 
 @app.task(bind=True, shared=False, acks_late=True, reject_on_worker_lost=True)
 @concurrent(max_inputs=5, max_containers=2, scaledown_window=30, queue=queue("sturdy"))
-def sturdy(self: Task, key: str, seconds: float = 1.0) -> str:
+def sturdy(self: Task, key: str, seconds: float | None = 1.0) -> str:
     """An input that survives the loss of its container: acknowledged when it finishes."""
     recorder.sleep(key, seconds)
     return _finish(self, key)

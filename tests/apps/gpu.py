@@ -6,13 +6,13 @@ Each input reports the devices its container was given and the container's node 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
-import redis
 from celery import Celery, Task
 
 from celery_concurrent import concurrent
+
+from .measure import Recorder
 
 app = Celery("gpu", broker=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15"))
 app.conf.update(
@@ -21,28 +21,17 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 
-_clients: dict[str, redis.Redis] = {}
+recorder = Recorder(app)
 
 
-def store() -> redis.Redis:
-    url = app.conf.broker_url
-    if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url)
-    return _clients[url]
-
-
-def _seen(task: Task, key: str, seconds: float) -> dict[str, Any]:
-    store().incr(f"running:{key}")
-    try:
-        time.sleep(seconds)
-    finally:
-        store().decr(f"running:{key}")
+def _seen(task: Task, key: str, seconds: float | None) -> dict[str, Any]:
+    recorder.sleep(key, seconds)
     return {"devices": os.environ["CUDA_VISIBLE_DEVICES"], "container": task.request.hostname}
 
 
 @app.task(bind=True)
 @concurrent(gpu="A100", allow_concurrent_inputs=2, concurrency_limit=4, container_idle_timeout=5)
-def embed(self: Task, key: str, seconds: float = 0.3) -> dict[str, Any]:
+def embed(self: Task, key: str, seconds: float | None = 0.3) -> dict[str, Any]:
     return _seen(self, key, seconds)
 
 

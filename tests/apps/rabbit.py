@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 from celery import Celery
@@ -34,16 +33,11 @@ recorder = Recorder(app, setting="result_backend")
 
 @app.task
 @concurrent(max_inputs=5, max_containers=3, scaledown_window=2, queue=f"cc-test-{SUFFIX}.slow")
-def slow(key: str, seconds: float = 2.0) -> str:
+def slow(key: str, seconds: float | None = 2.0) -> str:
     return recorder.sleep(key, seconds)
 
 
 @app.task
 @concurrent(max_inputs=200, queue=f"cc-test-{SUFFIX}.aslow")
-async def aslow(key: str) -> str:
-    recorder.enter(key)
-    try:
-        await asyncio.sleep(0.5)
-    finally:
-        recorder.leave(key)
-    return key
+async def aslow(key: str, seconds: float | None = 0.5) -> str:
+    return await recorder.asleep(key, seconds)

@@ -25,7 +25,7 @@ _measured = recorder.sleep
 
 @app.task
 @concurrent(allow_concurrent_inputs=50, concurrency_limit=4, keep_warm=1, container_idle_timeout=3)
-def burst(key: str, seconds: float = 1.0) -> str:
+def burst(key: str, seconds: float | None = 1.0) -> str:
     return _measured(key, seconds)
 
 
