@@ -8,7 +8,8 @@ The only work a task does is the measurement itself: one ``INCR`` of a counter i
 broker's Redis, plus a timestamp for the first and the last input of a run (see
 :mod:`benchmarks.bench_overhead`). The ``reaction_*`` and ``idle_*`` tasks serve
 :mod:`benchmarks.bench_reaction`: each input stamps when it started and on which
-process, with the life stamps of that process (forked, worker created, consumer ready).
+process, with the life stamps of that process (forked, worker created, consumer ready);
+``reaction_flood`` is the other function's flood beside ``reaction_flanked``.
 The ``burst_*``, ``density_*`` and ``scaledown_ours`` tasks serve the scenario
 benchmarks (:mod:`benchmarks.bench_burst`, :mod:`benchmarks.bench_density`,
 :mod:`benchmarks.bench_scaledown`); they count themselves with :func:`record`.
@@ -119,6 +120,24 @@ def stamp_start(key: str) -> None:
 def reaction_ours(key: str, seconds: float = 0.0) -> None:
     stamp_start(key)
     time.sleep(seconds)
+
+
+@app.task(ignore_result=True)
+@concurrent(max_inputs=10, max_containers=1, min_containers=0, scaledown_window=0.5)
+def reaction_flanked(key: str, seconds: float = 0.0) -> None:
+    """``reaction_ours`` again, on a node where :func:`reaction_flood` floods meanwhile."""
+    stamp_start(key)
+    time.sleep(seconds)
+
+
+#: how long each input of the flood beside ``reaction_flanked`` runs
+FLOOD_SECONDS = 0.2
+
+
+@app.task(ignore_result=True)
+@concurrent(max_inputs=50, max_containers=2, min_containers=0, scaledown_window=0.5)
+def reaction_flood() -> None:
+    time.sleep(FLOOD_SECONDS)
 
 
 @app.task(ignore_result=True)

@@ -27,7 +27,10 @@ Efficiency, the target (>= 0.9), is ``ideal / wall`` for ours, where ``ideal =
 ceil(inputs / (max_inputs x max_containers)) x 0.5 s + cold start``: five rounds of
 400 inputs, plus one cold start measured in the same run, from the burst to the first
 input starting. The plain pools get the same ratio with their own slots (their first
-input starts within milliseconds), for reference. Each side's figure is the median of
+input starts within milliseconds), for reference. For ours it also gives how long after
+the burst all ``max_containers`` containers were started (their processes, read from
+``/proc`` every 5 ms), and that as a share of one input's 0.5 s: below 1, the scale-up
+was complete before the first input finished. Each side's figure is the median of
 its runs (rounds rotate which side goes first; a warm-up round is not counted), with the
 min and max; "speed-up" is a side's median wall over ours.
 """
@@ -35,6 +38,7 @@ min and max; "speed-up" is a side's median wall over ours.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -52,6 +56,7 @@ import redis
 from benchmarks.bench_overhead import python_path, spread
 from benchmarks.bench_reaction import JITTER_SECONDS, wait_until
 from benchmarks.common import (
+    FirstMoment,
     environment,
     reset_tally,
     wait_for_tally,
@@ -76,6 +81,8 @@ class Side:
     inputs: int
     #: inputs it runs at once: max_inputs x max_containers, or the pool's concurrency
     slots: int
+    #: containers it scales to (ours), or none (a plain worker is there already)
+    containers: int = 0
 
     @property
     def command(self) -> str:
@@ -99,6 +106,8 @@ class Run:
     #: from the burst to the first input starting
     first_start_s: float
     load_1m: float
+    #: from the burst to the last of the side's containers forked (ours), if it got there
+    full_scale_s: float | None = None
 
 
 def sides(app: Any, inputs: int, prefork_inputs: int) -> list[Side]:
@@ -106,7 +115,7 @@ def sides(app: Any, inputs: int, prefork_inputs: int) -> list[Side]:
     assert spec is not None and spec.max_containers is not None
     args = ("-c", "1", "--concurrent-functions", OURS, *QUIET)
     slots = spec.max_inputs * spec.max_containers
-    ours = Side("ours", OURS, spec.queue, args, inputs, slots)
+    ours = Side("ours", OURS, spec.queue, args, inputs, slots, spec.max_containers)
     plain = [("threads", 400, inputs), ("gevent", 400, inputs), ("prefork", 2, prefork_inputs)]
     return [ours] + [plain_side(name, c, n) for name, c, n in plain]
 
@@ -126,11 +135,16 @@ def measure(
         wait_until(lambda: not containers_of(proc.pid), timeout, "ours: cold", proc)
     time.sleep(pause)  # a burst lands anywhere in the supervisor's poll, as a real one does
     reset_tally(rds, side.key)
-    began = burst(rds, side.template, side.queue)
-    try:
-        tally = wait_for_tally(rds, side.key, side.inputs, timeout, alive=proc)
-    except (TimeoutError, RuntimeError) as exc:
-        raise RuntimeError(f"{side.name}: {exc}\n{proc.log_path.read_text()[-3000:]}") from exc
+    # Ours: when its last container process is there (forked), read from /proc; the
+    # plain workers get no watcher, which would only take CPU from them.
+    full = FirstMoment(lambda: len(containers_of(proc.pid)) >= side.containers)
+    with full if side.containers else contextlib.nullcontext():
+        began = burst(rds, side.template, side.queue)
+        try:
+            tally = wait_for_tally(rds, side.key, side.inputs, timeout, alive=proc)
+        except (TimeoutError, RuntimeError) as exc:
+            log = proc.log_path.read_text()[-3000:]
+            raise RuntimeError(f"{side.name}: {exc}\n{log}") from exc
     return Run(
         side.name,
         round_no,
@@ -138,6 +152,7 @@ def measure(
         tally.last_finish - began,
         tally.first_start - began,
         os.getloadavg()[0],
+        None if full.at is None else full.at - began,
     )
 
 
@@ -159,6 +174,14 @@ def summarize(runs: list[Run], side: Side, inputs: int, seconds: float) -> dict[
     ideals = [ideal_seconds(run.inputs, side.slots, seconds, run.first_start_s) for run in mine]
     numbers["ideal_s"] = spread(ideals)
     numbers["efficiency"] = spread([i / run.wall_s for i, run in zip(ideals, mine, strict=True)])
+    if side.containers:
+        full = [run.full_scale_s for run in mine if run.full_scale_s is not None]
+        numbers["full_scale_s"] = spread(full) if full else None
+        numbers["full_scale_runs"] = f"{len(full)} of {len(mine)}"
+        # within the first input's time: the scale-up came before the backlog was served
+        numbers["full_scale_per_input_time"] = (
+            numbers["full_scale_s"]["median"] / seconds if full else None
+        )
     return numbers
 
 
@@ -258,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{ours['ideal_s']['median']:.2f} s with a cold start of "
         f"{ours['first_start_s']['median']:.3f} s"
     )
+    full = ours["full_scale_s"]
+    if full is not None:
+        print(
+            f"ours: all {all_sides[0].containers} containers forked {full['median']:.3f} s "
+            f"after the burst (min {full['min']:.3f}, max {full['max']:.3f}; "
+            f"{ours['full_scale_runs']} runs), {ours['full_scale_per_input_time']:.2f} of one "
+            f"input's {args.seconds:g} s"
+        )
     print(f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}")
 
     report = {
@@ -275,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             "ideal": "ceil(inputs / (max_inputs x max_containers)) x seconds + the run's "
             "cold start (burst to first input start)",
             "prefork_wall": "inputs / (prefork_inputs / measured wall), when fewer inputs ran",
+            "full_scale": "from the burst to max_containers container processes of ours "
+            "(the fork server's children, read every 5 ms); per input time: that over "
+            "seconds_per_input",
         },
         "workers": {side.name: side.command for side in all_sides},
         "results": {

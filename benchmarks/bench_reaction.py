@@ -7,7 +7,7 @@ did not exist before the burst. The burst is ``B`` inputs (10 by default) publis
 once to a function with no process to run them; the publisher takes ``time.monotonic()``
 just before the first publish. Each input stamps ``time.monotonic()`` into Redis as its
 first act, with its node name and PID (``CLOCK_MONOTONIC`` is system-wide on Linux, so
-the two stamps compare across processes). Three sides take turns on one private Redis,
+the two stamps compare across processes). Four sides take turns on one private Redis,
 each waiting until its side is cold again before the next burst:
 
 - **ours**: a node, ``celery -A benchmarks.apps worker -c 1 --concurrent-functions
@@ -18,6 +18,14 @@ each waiting until its side is cold again before the next burst:
   every 50 ms), the fork, the worker's start-up, its broker connection and its first
   fetch. After the burst the container retires (idle 0.5 s, then a drain) and the
   next burst waits for zero containers.
+- **flanked**: ours again, on a node of its own that supervises a second function,
+  ``benchmarks.apps.reaction_flood`` (``max_inputs=50``, ``concurrency_limit=2``,
+  ``keep_warm=0``). Just before each burst the benchmark floods that function with
+  400 inputs of ``sleep(0.2)``, so the burst lands while the flood's backlog waits and
+  its containers start: the reaction of one function beside another's flood, which the
+  test suite asserts only as an order of events ("a flood of one function never delays
+  another"). After the burst the flood's backlog is dropped and the side waits until
+  both functions are cold, so that no other side's burst meets it.
 - **exec**: at burst time the benchmark itself execs a container, ``celery -A
   benchmarks.apps worker --concurrent-function benchmarks.apps.reaction_exec``, as a
   naive supervisor or KEDA starting a pod would. It is told at once, with no poll at
@@ -104,6 +112,12 @@ from tests.support import RedisServer, Workers, children, containers_of, stop_pr
 
 APP = "benchmarks.apps"
 OURS = f"{APP}.reaction_ours"
+FLANKED = f"{APP}.reaction_flanked"
+FLOOD = f"{APP}.reaction_flood"
+#: the flood published to the other function just before each burst of ``flanked``
+FLOOD_INPUTS = 400
+#: how long a side may take to turn cold after its burst
+COLD_TIMEOUT = 60.0
 EXEC = f"{APP}.reaction_exec"
 PLAIN = f"{APP}.reaction_plain"
 IDLE_FUNCTIONS = (f"{APP}.idle_sync", f"{APP}.idle_async")
@@ -225,6 +239,29 @@ class Ours(Side):
 
     def after_burst(self) -> None:
         self.seen.update(start.pid for start in read_starts(self.rds, self.key))
+
+
+class Flanked(Ours):
+    name = "flanked"
+    task = FLANKED
+
+    def args(self) -> tuple[str, ...]:
+        functions = f"{FLANKED},{FLOOD}"
+        return (*NODE_ARGS, "-n", "flanked@%h", "--concurrent-functions", functions)
+
+    def before_burst(self) -> None:
+        flood = self.app.tasks[FLOOD]
+        with self.app.producer_or_acquire() as producer:
+            for _ in range(FLOOD_INPUTS):
+                flood.apply_async(producer=producer)
+
+    def after_burst(self) -> None:
+        super().after_burst()
+        spec = spec_of(self.app.tasks[FLOOD])
+        assert spec is not None
+        # What the flood still has waiting is dropped: no other side's burst meets it.
+        self.rds.delete(spec.queue)
+        self.wait_cold(COLD_TIMEOUT)
 
 
 class Exec(Side):
@@ -512,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         rds = redis.Redis.from_url(server.url)
         with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
             workers = Workers(server.url, Path(logdir))
-            sides: list[Side] = [cls(workers, rds, app) for cls in (Ours, Exec, Autoscale)]
+            kinds = (Ours, Flanked, Exec, Autoscale)
+            sides: list[Side] = [cls(workers, rds, app) for cls in kinds]
             try:
                 samples = run_rounds(sides, args)
                 for side in sides:
@@ -533,6 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, commands)
     verdict = "meets" if ours["p50_ms"] <= TARGET_P50_MS else "misses"
     print(f"ours p50 {ours['p50_ms']:.1f} ms ({verdict} the target {TARGET_P50_MS:.0f} ms)")
+    flanked = results["flanked"]
+    print(
+        f"beside a flood of {FLOOD_INPUTS} inputs to another function: p50 "
+        f"{flanked['p50_ms']:.1f} ms, p95 {flanked['p95_ms']:.1f} ms, "
+        f"{flanked['p50_ms'] / ours['p50_ms']:.2f}x ours alone (p50)"
+    )
     verdict = "meets" if idle["meets_target"] else "misses"
     print(
         f"idle node main process: {100 * idle['node_main_process_share']:.2f} % of a core "
@@ -562,6 +606,13 @@ def main(argv: list[str] | None = None) -> int:
             "reaction": "time.monotonic() from just before the burst's first publish to the "
             "first input of the burst starting on a process that did not exist before it",
             "ours_function": spec_as_dict(app.tasks[OURS]),
+            "flanked_flood": {
+                "function": spec_as_dict(app.tasks[FLOOD]),
+                "inputs": FLOOD_INPUTS,
+                "seconds_per_input": importlib.import_module(APP).FLOOD_SECONDS,
+                "when": "published just before each burst of flanked; its backlog is "
+                "dropped after the burst",
+            },
             "autoscale": AUTOSCALE,
             "autoscale_keepalive_s": float(AUTOSCALE_KEEPALIVE),
             "poll_interval_s": DEFAULT_POLL_INTERVAL,

@@ -1,5 +1,6 @@
 """What the scenario benchmarks share: publishing inputs, reading a run's tally, the
-environment a run saw, sampling a process's threads and memory, and a node's metrics.
+environment a run saw, sampling a process's threads and memory, the moment something
+first holds, and a node's metrics.
 (A burst at one instant, :func:`tests.support.burst`, is the tests' too.)
 
 Each benchmark is a module with a ``main(argv)`` that starts its own Redis and its own
@@ -15,6 +16,7 @@ import platform
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.request import urlopen
@@ -121,6 +123,33 @@ class ProcessSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
+
+
+class FirstMoment:
+    """Watches ``predicate`` on a thread of its own: :attr:`at` is the first ``time.time()``
+    at which it held (None if it never did). The thread stops once it has held."""
+
+    def __init__(self, predicate: Callable[[], object], interval: float = POLL_SECONDS / 2):
+        self.predicate = predicate
+        self.interval = interval
+        self.at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-moment", daemon=True)
+
+    def __enter__(self) -> FirstMoment:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.predicate():
+                self.at = time.time()
+                return
+            self._stop.wait(self.interval)
 
 
 _SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")

@@ -110,6 +110,18 @@ def burst_rows(report: dict[str, Any]) -> list[Row]:
         ),
         Row(title, "wall, 2,000 x sleep(0.5)", _spread(ours["wall_s"], unit=" s")),
     ]
+    full = ours.get("full_scale_s")  # reports before it was measured have none
+    if full:
+        seconds = report["parameters"]["seconds_per_input"]
+        rows.append(
+            Row(
+                title,
+                "burst to all 4 containers forked",
+                _spread(full, "{:.3f}", " s"),
+                f"one input {seconds:g} s",
+                f"{ours['full_scale_per_input_time']:.2f} of one input",
+            )
+        )
     labels = {
         "threads": "-P threads -c 400",
         "gevent": "-P gevent -c 400",
@@ -171,6 +183,17 @@ def reaction_rows(report: dict[str, Any]) -> list[Row]:
                 f"speed-up {results['p50_ratio_to_ours'][name]:.1f}x (p50)",
                 f"p50 <= {results['target_p50_ms']:.0f} ms",
                 results["meets_target"],
+            )
+        )
+    flanked = results.get("flanked")  # reports before it was measured have none
+    if flanked:
+        rows.append(
+            Row(
+                "3. reaction",
+                "... beside a flood of another function, p50 / p95",
+                f"{flanked['p50_ms']:.0f} / {flanked['p95_ms']:.0f} ms",
+                f"alone {ours['p50_ms']:.0f} / {ours['p95_ms']:.0f} ms",
+                f"{results['p50_ratio_to_ours']['flanked']:.2f}x alone (p50)",
             )
         )
     idle = results["idle"]
