@@ -23,6 +23,7 @@ from typing import Any
 
 from celery import Celery
 from celery.utils.log import get_logger
+from celery.worker import state as worker_state
 
 from ..contract import LoadReport, container_nodename
 from ..gpu import describe_requests
@@ -137,22 +138,35 @@ class Supervisor:
                 self._retire(pool, ident, why)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Drain every container and wait for them to exit."""
+        """Drain every container and wait for them to exit.
+
+        A cold shutdown of the node meanwhile (a second Ctrl-C, a SIGQUIT) ends the
+        wait: the containers are killed, and what they held goes back to the queue.
+        """
         self._halt()
         deadline = time.monotonic() + (self.settings.drain_timeout if timeout is None else timeout)
         with self._lock:
             self._retire_all("node stopping")
+            draining = sum(len(p.retiring) for p in self.pools.values())
+        if draining:
+            logger.info("celery-concurrent: waiting for %d container(s) to drain", draining)
         while time.monotonic() < deadline and self._any_running():
+            if cold_shutdown_requested():
+                logger.warning("celery-concurrent: cold shutdown; killing the draining containers")
+                break
             self._reap(time.monotonic())
             time.sleep(0.05)
         self.terminate()
 
     def terminate(self) -> None:
-        """Kill whatever is still running."""
+        """Kill whatever is still running, and give back what it held once it is gone."""
         self._halt()
         with self._lock:
             for pool in self.pools.values():
-                for container in [*pool.containers.values(), *pool.retiring.values()]:
+                # Killed by the node, not crashed: reaped as retired containers are.
+                pool.retiring.update(pool.containers)
+                pool.containers.clear()
+                for container in pool.retiring.values():
                     container.process.kill()
             deadline = time.monotonic() + 5
             while self._any_running() and time.monotonic() < deadline:
@@ -499,6 +513,16 @@ class Supervisor:
             "turns": self.turns,
             "functions": self.status(),
         }
+
+
+def cold_shutdown_requested() -> bool:
+    """Whether the worker this runs in has begun a cold shutdown.
+
+    Celery's signal handlers set this flag, which its own loops poll; the node's warm
+    shutdown is then waiting in :meth:`Supervisor.stop`, on the main thread.
+    """
+    flag = worker_state.should_terminate
+    return flag is not None and flag is not False
 
 
 class _NoProcess:
