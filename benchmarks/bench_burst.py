@@ -59,6 +59,7 @@ from benchmarks.common import (
     FirstMoment,
     environment,
     reset_tally,
+    run_main,
     wait_for_tally,
 )
 from celery_concurrent import spec_of
@@ -202,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     jitter = random.Random(args.seed)
     runs: list[Run] = []
-    server = RedisServer().start()
+    server = RedisServer()
     try:
+        server.start()
         # The app reads its broker when imported, so point it at the private Redis first.
         os.environ["CELERY_BROKER_URL"] = server.url
         app = importlib.import_module(APP).app
@@ -327,4 +329,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -55,6 +55,7 @@ from benchmarks.common import (
     environment,
     publish,
     reset_tally,
+    run_main,
     wait_for_tally,
 )
 from celery_concurrent import spec_of
@@ -196,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     began = time.monotonic()
     runs: list[Run] = []
-    server = RedisServer().start()
+    server = RedisServer()
     try:
+        server.start()
         # The app reads its broker when imported, so point it at the private Redis first.
         os.environ["CELERY_BROKER_URL"] = server.url
         app = importlib.import_module(APP).app
@@ -318,4 +320,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

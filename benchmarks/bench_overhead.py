@@ -58,7 +58,7 @@ from typing import Any
 
 import redis
 
-from benchmarks.common import environment
+from benchmarks.common import environment, run_main
 from celery_concurrent import spec_of
 from celery_concurrent.plugin import WORKER_OPTIONS
 from tests.support import ROOT, RedisServer, Workers
@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(extra_args)
 
     load_before = os.getloadavg()
-    server = RedisServer().start()
+    server = RedisServer()
     try:
+        server.start()
         # The app reads its broker when imported, so point it at the private Redis first.
         os.environ["CELERY_BROKER_URL"] = server.url
         app = importlib.import_module(APP).app
@@ -313,4 +314,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

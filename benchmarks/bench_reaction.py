@@ -105,7 +105,7 @@ from typing import Any
 import redis
 
 from benchmarks.bench_overhead import cpu_seconds, python_path
-from benchmarks.common import environment
+from benchmarks.common import environment, run_main
 from celery_concurrent import spec_of
 from celery_concurrent.supervisor.supervisor import DEFAULT_POLL_INTERVAL
 from tests.support import RedisServer, Workers, children, containers_of, stop_process
@@ -541,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     began = time.monotonic()
-    server = RedisServer().start()
+    server = RedisServer()
     try:
+        server.start()
         # The app reads its broker when imported, so point it at the private Redis first.
         os.environ["CELERY_BROKER_URL"] = server.url
         app = importlib.import_module(APP).app
@@ -557,9 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                     side.teardown()
                 idle = measure_idle(workers, app, args.idle_seconds, args.baseline_seconds)
             finally:
-                for side in sides:
-                    side.teardown()
-                workers.stop_all()
+                workers.stop_all()  # every side's process too, all at once
     finally:
         server.stop()
     load_after = os.getloadavg()
@@ -636,4 +635,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -42,7 +42,7 @@ import redis
 
 from benchmarks.bench_overhead import python_path, spread
 from benchmarks.bench_reaction import wait_until
-from benchmarks.common import POLL_SECONDS, environment, publish, scrape
+from benchmarks.common import POLL_SECONDS, environment, publish, run_main, scrape
 from celery_concurrent import spec_of
 from tests.support import RedisServer, Workers, containers_of, free_port
 
@@ -256,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     found: list[Retirement] = []
     warm: list[dict[str, Any]] = []
     plotted: dict[str, Any] = {}
-    server = RedisServer().start()
+    server = RedisServer()
     try:
+        server.start()
         # The app reads its broker when imported, so point it at the private Redis first.
         os.environ["CELERY_BROKER_URL"] = server.url
         app = importlib.import_module(APP).app
@@ -366,4 +367,4 @@ def _steady_or_not_up(port: int, node_pid: int, keep_warm: int) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -5,7 +5,8 @@ first holds, and a node's metrics.
 
 Each benchmark is a module with a ``main(argv)`` that starts its own Redis and its own
 workers, stops every process it started by its PID, and writes
-``benchmarks/results/<name>.json``; :mod:`benchmarks.run_all` runs them all.
+``benchmarks/results/<name>.json``; :mod:`benchmarks.run_all` runs them all. Each runs
+its ``main`` through :func:`run_main`, so that it stops them however it ends.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import importlib
 import os
 import platform
 import re
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +30,41 @@ from tests.support import rss_bytes, thread_count
 
 #: how often a burst waits for its run to finish, and a sampler looks at a process
 POLL_SECONDS = 0.01
+#: what ends a benchmark as Ctrl-C does: ``timeout`` and run_all send SIGTERM, a closed
+#: terminal SIGHUP
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """``main()``'s exit status, with every way of stopping it running its ``finally``
+    blocks, which stop the workers and the Redis it started by their PIDs.
+
+    The workers run in sessions of their own, so nothing but the benchmark stops them:
+    SIGTERM and SIGHUP raise ``KeyboardInterrupt`` as Ctrl-C does (also where the shell
+    started it with SIGINT ignored, ``cmd &``). Once it is stopping, more of these
+    signals are only noted: a second Ctrl-C cannot cut the clean-up short, and each of
+    its steps is bounded by a grace period. Exit status 130 after an interruption.
+    """
+
+    def stopping(signum: int, frame: object) -> None:
+        print(f"({signal.Signals(signum).name}: still stopping)", file=sys.stderr, flush=True)
+
+    def interrupt(signum: int, frame: object) -> None:
+        for each in STOP_SIGNALS:
+            signal.signal(each, stopping)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for each in STOP_SIGNALS:
+        signal.signal(each, interrupt)
+    try:
+        return main()
+    except KeyboardInterrupt as exc:
+        print(
+            f"\ninterrupted ({exc or 'SIGINT'}): every process it started is stopped",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
 
 
 def environment(

@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -134,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="inputs per slot")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the inputs")
     args = parser.parse_args(argv)
-    # A SIGTERM (from `timeout`, say) still stops the node and Redis in `finally`.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     # The check is of detection: neither override may be in the way.
     os.environ.pop(GPUS_ENV, None)
@@ -156,12 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     from celery_concurrent.testing import RedisServer
     from tests.support import Workers
 
-    redis_server = RedisServer().start()
+    redis_server = RedisServer()
     logdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     workers = Workers(redis_server.url, logdir)
     os.environ["CELERY_BROKER_URL"] = redis_server.url
     app.conf.broker_url = app.conf.result_backend = redis_server.url
     try:
+        redis_server.start()
         node = workers.start(
             APP, "-c", "1", "-n", NODE, "--concurrent-functions", FUNCTION, ready_timeout=120
         )
@@ -224,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             "node_log_tail": workers.log_of(node)[-2000:],
         }
     finally:
-        workers.stop_all()
-        redis_server.stop()
-        shutil.rmtree(logdir, ignore_errors=True)
+        try:
+            workers.stop_all()
+        finally:
+            redis_server.stop()
+            shutil.rmtree(logdir, ignore_errors=True)
     text = json.dumps(report, indent=2, sort_keys=True)
     print(text)
     if args.out is not None:
@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Run main() of the module under its importable name: the task must be
     # benchmarks.gpu_check.matmul here as in the node, not __main__.matmul.
+    # A SIGTERM (from `timeout`, say) or Ctrl-C still stops the node and Redis in `finally`.
+    from benchmarks.common import run_main
     from benchmarks.gpu_check import main as checked_main
 
-    sys.exit(checked_main())
+    sys.exit(run_main(checked_main))

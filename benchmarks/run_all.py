@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import run_main
 from tests.support import ROOT, stop_process
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -341,15 +342,25 @@ def run(scenario: Scenario) -> tuple[int, float]:
     except subprocess.TimeoutExpired:
         print(f"{scenario.name}: stopped after {scenario.timeout:.0f} s", flush=True)
         code = 124
-        # SIGINT, not SIGTERM: its ``finally`` blocks stop the workers and the Redis it
-        # started (each in a session of its own) before it exits.
+    finally:
+        # Also when run_all itself is interrupted: the scenario, in a session of its own,
+        # got no Ctrl-C from the terminal.
+        stop_scenario(proc)
+    return code, time.monotonic() - began
+
+
+def stop_scenario(proc: subprocess.Popen[bytes]) -> None:
+    """Interrupt a scenario and give it the time to stop what it started, then stop it.
+
+    Only the scenario knows its workers and its Redis (each in a session of its own):
+    a SIGINT runs its ``finally`` blocks, which stop them by their PIDs before it exits.
+    """
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(STOP_GRACE_SECONDS)
-    finally:
-        stop_process(proc)
-    return code, time.monotonic() - began
+    stop_process(proc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,4 +423,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

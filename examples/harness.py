@@ -5,10 +5,10 @@ With ``CELERY_BROKER_URL`` unset, an embedded Redis (the ``redis-server`` binary
 nothing but Python. A Redis URL there serves as both. With a RabbitMQ URL the results
 go to ``CELERY_RESULT_BACKEND`` or, without one, to an embedded Redis.
 
-Ctrl-C (SIGINT) and SIGTERM end an example at once: the block's exit stops every node
-(a warm shutdown that drains its containers, then SIGKILL for the process group after a
-grace period), Flower and the embedded Redis, in that order. A second Ctrl-C skips the
-grace period.
+Ctrl-C (SIGINT), SIGTERM and SIGHUP (a closed terminal) end an example at once: the
+block's exit stops every node (a warm shutdown that drains its containers, then SIGKILL
+for the process group after a grace period), Flower and the embedded Redis, in that
+order. A second Ctrl-C skips the grace period.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 NODE_STOP_GRACE = 30.0
 #: node options that only make starting faster: no waiting for other nodes' hellos
 FAST_START = ("--without-mingle", "--without-gossip")
+#: what ends an example at once, as Ctrl-C does
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: what Celery reads before its own settings; the block sets them for itself and its nodes
 BROKER_ENV = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
 
@@ -80,7 +82,8 @@ class Stack:
         if _in_main_thread():
             # Ctrl-C even where the shell started us with SIGINT ignored (``cmd &``).
             self._handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _interrupt)
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                self._handlers[signum] = signal.signal(signum, _interrupt)
         try:
             self._start_broker()
         except BaseException:
@@ -95,7 +98,7 @@ class Stack:
         """Stop every process, newest first; Ctrl-C or SIGTERM meanwhile skip the grace period."""
         hurry = threading.Event()
         if _in_main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self._handlers.setdefault(signum, signal.getsignal(signum))
                 signal.signal(signum, lambda *_: hurry.set())
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,17 @@ import pytest
 import redis
 
 from .support import RedisServer, Workers
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (a CI job's timeout, ``timeout make test``) ends the run as Ctrl-C does, so
+    # every fixture's teardown stops the workers and the Redis it started; they run in
+    # sessions of their own, where no signal to this process reaches them.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @pytest.fixture(autouse=True)
@@ -28,10 +40,11 @@ def _unshare_tasks_made_in_tests() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
+    server = RedisServer()
     # The test apps read the broker URL at import time.
     os.environ["CELERY_BROKER_URL"] = server.url
     try:
+        server.start()
         yield server
     finally:
         server.stop()

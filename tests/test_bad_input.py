@@ -147,8 +147,9 @@ SECRET = "hunter2-cc-secret"
 
 
 def test_broker_passwords_never_show_in_logs_status_or_errors(faults_on):
-    server = RedisServer(password=SECRET).start()
+    server = RedisServer(password=SECRET)
     try:
+        server.start()
         faults = faults_on("redis", broker=server.url)
         node = faults.node("sturdy")
         group(faults.app.sturdy.s("secret", UNTIL_RELEASED) for _ in range(10)).apply_async()

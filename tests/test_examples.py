@@ -1,7 +1,8 @@
 """What a newcomer runs: ``make demo`` and every example, end to end, as subprocesses.
 
 Each run carries a token in its environment, which every process it starts inherits
-(Redis, nodes, containers, Flower): after it exits, no live process may carry the token.
+(Redis, nodes, containers, Flower): after it exits, no live process may carry the token
+(:class:`tests.support.ModuleRun`).
 """
 
 from __future__ import annotations
@@ -10,129 +11,19 @@ import contextlib
 import difflib
 import json
 import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from .support import ROOT
+from .support import ROOT, ModuleRun
 
-TOKEN_ENV = "CC_EXAMPLE_RUN"
 RABBITMQ_URL = os.environ.get("CC_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-
-def processes_carrying(token: str) -> dict[int, str]:
-    """Live processes whose environment holds ``TOKEN_ENV=token``: pid -> command line."""
-    marker = f"{TOKEN_ENV}={token}".encode()
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as environ:
-                if marker not in environ.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                found[int(entry)] = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue  # gone meanwhile, or a zombie
-    return found
-
-
-class ExampleRun:
-    """``python -m MODULE ARGS`` in a session of its own, with its output read line by line."""
-
-    def __init__(self, module: str, *args: str, env: dict[str, str | None] | None = None) -> None:
-        self.token = uuid.uuid4().hex
-        environ = {**os.environ, "PYTHONPATH": str(ROOT), TOKEN_ENV: self.token}
-        for key, value in (env or {}).items():
-            if value is None:
-                environ.pop(key, None)
-            else:
-                environ[key] = value
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
-            cwd=ROOT,
-            env=environ,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for_line(self, text: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"no line with {text!r}:\n{self.output[-4000:]}")
-
-    def finish(self, timeout: float) -> int:
-        """Wait for the exit; then no process it started may be left."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            self._reader.join(5)
-            while not self._queue.empty():
-                line = self._queue.get_nowait()
-                if line is not None:
-                    self.lines.append(line)
-            self.stop()
-        assert self.proc.returncode is not None, f"still running after {timeout}s"
-        return self.proc.returncode
-
-    def stop(self) -> None:
-        """Kill the run and whatever it left (by PID), and say what was left."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        # Processes killed with their group are reaped by init a moment later.
-        left = {}
-        for _ in range(30):
-            left = processes_carrying(self.token)
-            if not left:
-                return
-            time.sleep(0.1)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        raise AssertionError(f"processes left running: {left}\n{self.output[-3000:]}")
 
 
 def run_example(module: str, *args: str, timeout: float = 90, **env: str | None) -> str:
     """Run an example to its end; it must exit 0. Results go to its broker unless ``env`` says."""
-    run = ExampleRun(module, *args, env={"CELERY_RESULT_BACKEND": None, **env})
+    run = ModuleRun(module, *args, env={"CELERY_RESULT_BACKEND": None, **env})
     code = run.finish(timeout)
     assert code == 0, run.output[-4000:]
     return run.output
@@ -162,7 +53,7 @@ def test_demo_runs_on_an_embedded_redis_scales_up_and_down_and_leaves_nothing_ru
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_stops_the_demo_and_every_process_it_started(signum):
-    run = ExampleRun("examples.demo", "--quick", env=EMBEDDED)
+    run = ModuleRun("examples.demo", "--quick", env=EMBEDDED)
     try:
         run.wait_for_line("burst:", 60)
         # Ctrl-C: what a terminal sends its foreground process group.
@@ -249,7 +140,7 @@ def test_gpu_example_says_it_needs_a_gpu_node_where_there_is_none():
 
     if detect_gpus():
         pytest.skip("this machine has a GPU")
-    run = ExampleRun("examples.gpu_embeddings", env={GPUS_ENV: None})
+    run = ModuleRun("examples.gpu_embeddings", env={GPUS_ENV: None})
     assert run.finish(30) == 2
     assert 'asks for gpu="any": only a node with a GPU runs it' in run.output
     assert '--gpus "0:A100,1:A100"' in run.output

@@ -66,8 +66,9 @@ def restart_rabbitmq(downtime: float) -> None:
 def restartable_broker(kind: str) -> Iterator[tuple[str, Callable[[float], None]]]:
     """A broker this test may restart: a private Redis, or this machine's RabbitMQ."""
     if kind == "redis":
-        server = RedisServer().start()
+        server = RedisServer()
         try:
+            server.start()
             yield server.url, server.restart
         finally:
             server.stop()
