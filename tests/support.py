@@ -61,7 +61,7 @@ class Workers:
         app: str,
         *args: str,
         env: dict[str, str] | None = None,
-        ready_timeout: float = 30.0,
+        ready_timeout: float = 60.0,
         wait_ready: bool = True,
     ) -> subprocess.Popen[bytes]:
         log = self.logdir / f"worker-{len(self.procs)}.log"

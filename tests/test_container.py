@@ -155,7 +155,8 @@ class TestAsyncInputsKeepCeleryBehaviour:
         ]
 
     def test_revoked_input_does_not_run(self, behaviour, basic_app):
-        sent = behaviour.apply_async(("echo",), countdown=1)
+        # Its ETA is far enough ahead for the revoke to reach a container on a loaded machine.
+        sent = behaviour.apply_async(("echo",), countdown=3)
         basic_app.app.control.revoke(sent.id)
         with pytest.raises(TaskRevokedError):
             sent.get(timeout=30)

@@ -53,7 +53,7 @@ def start_nodes(workers, function: str, *nodes: str) -> dict[str, Any]:
         for node in nodes
     }
     for proc in procs.values():
-        workers.wait_for_log(proc, " ready.", 30)
+        workers.wait_for_log(proc, " ready.", 60)
     return procs
 
 
@@ -127,7 +127,7 @@ def test_a_two_device_function_gets_both_devices_in_one_container(gpu_app, worke
     start_nodes(workers, SHARD, GPU_NODE)
     first = wait_for(
         lambda: (row := node_row(gpu_app, GPU_NODE, SHARD))["ready"] == 1 and row,
-        15,
+        30,
         what="the keep_warm container",
     )
     name = f"{SHARD}-gpu-1@{HOST}"
@@ -145,7 +145,7 @@ def test_a_two_device_function_gets_both_devices_in_one_container(gpu_app, worke
             and row["ready"] == 1
             and row["pids"] != first["pids"]
         ),
-        15,
+        30,
         what="a replacement container",
     )
     assert node_row(gpu_app, GPU_NODE, SHARD)["gpu_devices"] == {name: ["0", "1"]}

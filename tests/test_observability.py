@@ -54,7 +54,9 @@ def test_flower_shows_each_container_its_tasks_and_the_retired_ones_offline(
         flower.start()
         wait_for(lambda: burst_workers(flower) == {container(1): True}, 60, what="keep_warm")
 
-        first = group(scaling_app.burst.s("f1", 1.0) for _ in range(300)).apply_async()
+        # Two seconds each: a wave long enough for the fourth container, however late a
+        # loaded machine starts it, to find inputs still waiting.
+        first = group(scaling_app.burst.s("f1", 2.0) for _ in range(300)).apply_async()
         wait_for(
             lambda: sum(burst_workers(flower).values()) == 4, 60, what="four containers online"
         )
@@ -72,13 +74,13 @@ def test_flower_shows_each_container_its_tasks_and_the_retired_ones_offline(
         assert len(tasks) == 300
         assert {t["state"] for t in tasks.values()} == {"SUCCESS"}
         assert {t["worker"] for t in tasks.values()} == set(seen)
-        # sleep(1) each: what Flower shows is the input's own runtime (a loaded machine
+        # sleep(2) each: what Flower shows is the input's own runtime (a loaded machine
         # stretches it, never shrinks it)
-        assert all(0.9 <= t["runtime"] < 30 for t in tasks.values())
+        assert all(1.9 <= t["runtime"] < 30 for t in tasks.values())
         assert all(t["name"] == BURST for t in tasks.values())
 
         # A second burst reuses the names: Flower shows the same four, not four more.
-        second = group(scaling_app.burst.s("f2", 1.0) for _ in range(300)).apply_async()
+        second = group(scaling_app.burst.s("f2", 2.0) for _ in range(300)).apply_async()
         assert second.get(timeout=60) == ["f2"] * 300
         wait_for(retired, 60, interval=0.5, what="back to one container")
         assert set(burst_workers(flower)) == set(seen)
