@@ -12,10 +12,15 @@ back in the queue the moment it dies, instead of after the ``visibility_timeout`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
+import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
+
+from .redact import mask_urls
 
 if TYPE_CHECKING:
     from .spec import FunctionSpec
@@ -60,3 +65,24 @@ class LoadReport:
         fields = json.loads(data)
         fields["held"] = tuple(fields.get("held") or ())
         return cls(**fields)
+
+
+def report_startup_failure(error: BaseException) -> None:
+    """Tell the supervisor why this container cannot start, so its status can say so."""
+    address = os.environ.get(REPORT_ENV)
+    if not address:
+        return
+    if isinstance(error, SystemExit) and isinstance(error.code, str):
+        text = error.code
+    else:
+        text = f"{type(error).__name__}: {error}"
+    report = LoadReport(
+        ident=os.environ.get(IDENT_ENV) or str(os.getpid()),
+        pid=os.getpid(),
+        in_flight=0,
+        busy_at=time.monotonic(),
+        ready=False,
+        error=mask_urls(text)[:500],
+    )
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(report.encode(), address)

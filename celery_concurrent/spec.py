@@ -191,7 +191,6 @@ def normalize_options(options: Mapping[str, Any], *, is_async: bool = False) -> 
     def name_of(canonical: str) -> str:
         return spelled.get(canonical, canonical)
 
-    out: dict[str, Any] = {}
     max_inputs = _count(name_of("max_inputs"), given.get("max_inputs", DEFAULT_MAX_INPUTS), 1)
     target = given.get("target_inputs")
     target_inputs = max_inputs if target is None else _count("target_inputs", target, 1)
@@ -218,7 +217,7 @@ def normalize_options(options: Mapping[str, Any], *, is_async: bool = False) -> 
     window = given.get("scaledown_window", DEFAULT_SCALEDOWN_WINDOW)
     scaledown_window = _seconds(name_of("scaledown_window"), window)
 
-    out.update(
+    out: dict[str, Any] = dict(
         max_inputs=max_inputs,
         target_inputs=target_inputs,
         max_containers=max_containers,
@@ -228,12 +227,15 @@ def normalize_options(options: Mapping[str, Any], *, is_async: bool = False) -> 
         gpu=parse_gpu(given.get("gpu")),
         pool=_pool(given.get("pool"), is_async),
     )
-    queue = given.get("queue")
-    if queue is not None:
-        if not isinstance(queue, str) or not queue.strip():
-            raise ConfigurationError("queue", queue, "must be a non-empty string")
-        out["queue"] = queue
+    if given.get("queue") is not None:
+        out["queue"] = _queue(given["queue"])
     return out
+
+
+def _queue(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError("queue", value, "must be a non-empty string")
+    return value
 
 
 def _count(parameter: str, value: Any, minimum: int) -> int:

@@ -7,63 +7,20 @@ merges what the nodes say. Real nodes and containers are in ``test_gpu_nodes.py`
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from celery import Celery
 
 from celery_concurrent import FunctionSpec
 from celery_concurrent.cli import merge_status
 from celery_concurrent.contract import LoadReport
 from celery_concurrent.supervisor.gpus import GpuDevice, parse_gpu_override
-from celery_concurrent.supervisor.launcher import ContainerLaunch
-from celery_concurrent.supervisor.supervisor import Supervisor, SupervisorSettings
+from celery_concurrent.supervisor.supervisor import Supervisor
+
+from .fakes import FakeLauncher, FakeProbe, fake_node
 
 TWO_A100 = parse_gpu_override("0:A100,1:A100")
-
-
-class FakeProcess:
-    def __init__(self, pid: int) -> None:
-        self.pid: int | None = pid
-        self.code: int | None = None
-        self.terminated = False
-
-    def exitcode(self) -> int | None:
-        return self.code
-
-    def terminate(self) -> None:
-        self.terminated = True  # draining: it exits when the test says so
-
-    def kill(self) -> None:
-        self.code = -9
-
-
-class FakeLauncher:
-    def __init__(self) -> None:
-        self.launches: list[ContainerLaunch] = []
-        self.processes: list[FakeProcess] = []
-
-    def warm_up(self) -> None:
-        pass
-
-    def start(self, launch: ContainerLaunch) -> FakeProcess:
-        self.launches.append(launch)
-        self.processes.append(FakeProcess(1000 + len(self.processes)))
-        return self.processes[-1]
-
-
-class FakeProbe:
-    def __init__(self) -> None:
-        self.backlog_of: dict[str, int] = {}
-
-    def backlog(self, queue: str) -> int:
-        return self.backlog_of.get(queue, 0)
-
-    def backlogs(self, queues: list[str]) -> dict[str, int | None]:
-        return {queue: self.backlog(queue) for queue in queues}
-
-    def close(self) -> None:
-        pass
 
 
 def make_spec(gpu: Any, **settings: Any) -> FunctionSpec:
@@ -73,28 +30,15 @@ def make_spec(gpu: Any, **settings: Any) -> FunctionSpec:
 @pytest.fixture
 def node() -> Iterator[Any]:
     """Make a supervisor with fakes around it; every one made is torn down at the end."""
-    made: list[Supervisor] = []
+    with ExitStack() as stack:
 
-    def make(
-        specs: list[FunctionSpec], gpus: tuple[GpuDevice, ...] = TWO_A100
-    ) -> tuple[Supervisor, FakeLauncher, FakeProbe]:
-        app = Celery("proj", broker="memory://", set_as_current=False)
-        settings = SupervisorSettings(
-            app_ref="proj:app",
-            hostname="host",
-            nodename="gpu@host",
-            node_max_containers=16,
-            gpus=gpus,
-        )
-        supervisor = Supervisor(app, specs, settings)
-        supervisor.launcher = FakeLauncher()  # type: ignore[assignment]
-        supervisor.probe = FakeProbe()  # type: ignore[assignment]
-        made.append(supervisor)
-        return supervisor, supervisor.launcher, supervisor.probe  # type: ignore[return-value]
+        def make(
+            specs: list[FunctionSpec], gpus: tuple[GpuDevice, ...] = TWO_A100
+        ) -> tuple[Supervisor, FakeLauncher, FakeProbe]:
+            made = stack.enter_context(fake_node(specs, gpus, nodename="gpu@host"))
+            return made.supervisor, made.launcher, made.probe
 
-    yield make
-    for supervisor in made:
-        supervisor.terminate()
+        yield make
 
 
 def visible(launcher: FakeLauncher) -> list[str]:

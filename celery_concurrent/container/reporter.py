@@ -11,7 +11,6 @@ container dies (a SIGKILL, a segfault), not an hour later when the transport's
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -34,11 +33,8 @@ from ..constants import (
     SUPERVISOR_CHECK_INTERVAL,
 )
 from ..contract import IDENT_ENV, REPORT_ENV, SUPERVISOR_PID_ENV, LoadReport
-from ..redact import mask_urls
 
 logger = get_logger(__name__)
-
-__all__ = ["IDENT_ENV", "REPORT_ENV", "SUPERVISOR_PID_ENV", "LoadReporter"]
 
 
 class LoadReporter(bootsteps.StartStopStep):
@@ -200,24 +196,3 @@ def held_tags() -> tuple[str, ...] | None:
                     break
         return tuple(tags)
     return None  # keep the last report's tags
-
-
-def report_startup_failure(error: BaseException) -> None:
-    """Tell the supervisor why this container cannot start, so its status can say so."""
-    address = os.environ.get(REPORT_ENV)
-    if not address:
-        return
-    if isinstance(error, SystemExit) and isinstance(error.code, str):
-        text = error.code
-    else:
-        text = f"{type(error).__name__}: {error}"
-    report = LoadReport(
-        ident=os.environ.get(IDENT_ENV) or str(os.getpid()),
-        pid=os.getpid(),
-        in_flight=0,
-        busy_at=time.monotonic(),
-        ready=False,
-        error=mask_urls(text)[:500],
-    )
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(report.encode(), address)

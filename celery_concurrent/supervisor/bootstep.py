@@ -84,7 +84,7 @@ class SupervisorStep(bootsteps.StartStopStep):
         )
         if self.poll_interval:
             settings.poll_interval = self.poll_interval
-        self.supervisor = Supervisor(worker.app, served, settings)
+        self.supervisor = Supervisor.create(worker.app, served, settings)
         worker.concurrent_supervisor = self.supervisor
         logger.info(
             "celery-concurrent: supervising %s (node bound: %s containers; GPUs: %s)",

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from ..container.reporter import (
+from ..contract import (
     IDENT_ENV,
     REPORT_ENV,
+    REVOKES_ENV,
     SUPERVISOR_PID_ENV,
     report_startup_failure,
 )
-from ..contract import REVOKES_ENV
 from ..spec import FunctionSpec
 
 

@@ -1,31 +1,22 @@
-"""One function's pool of containers: start, retire (drain), reap, and crash back-off."""
+"""One function's pool of containers on this node: who runs, who drains, what crashed."""
 
 from __future__ import annotations
 
 import bisect
-import itertools
+import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from celery.utils.log import get_logger
-
+from ..constants import COLD_START_BUCKETS, CRASH_WINDOW_SECONDS
 from ..contract import LoadReport
 from ..spec import FunctionSpec
-from .launcher import ContainerProcess
-from .policy import ContainerState
+from .policy import ContainerState, crash_backoff
 
-logger = get_logger(__name__)
-
-#: a container that exits within this many seconds of starting counts toward a crash loop
-CRASH_WINDOW_SECONDS = 30.0
-BACKOFF_BASE_SECONDS = 1.0
-BACKOFF_MAX_SECONDS = 60.0
-#: upper bounds (seconds) of the cold-start histogram's buckets; a fork-server start is
-#: about 0.1 s, an exec'd (gevent) one about 1 s
-COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+if TYPE_CHECKING:
+    from .launcher import ContainerProcess
 
 
 @dataclass
@@ -34,11 +25,13 @@ class Container:
     process: ContainerProcess
     started_at: float
     report: LoadReport | None = None
-    retiring_since: float | None = None
     #: a drain that has not finished after this long is forced
     drain_deadline: float | None = None
-    #: when its first ready report arrived
-    ready_at: float | None = None
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """The delivery tags it last said it holds unacknowledged (Redis)."""
+        return self.report.held if self.report is not None else ()
 
     @property
     def ready(self) -> bool:
@@ -108,12 +101,7 @@ class FunctionPool:
     last_event: ScaleEvent | None = None
     scale_ups: int = 0
     scale_downs: int = 0
-    events: deque[ScaleEvent] = field(default_factory=lambda: deque(maxlen=50))
     cold_starts: ColdStarts = field(default_factory=ColdStarts)
-    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-
-    def next_ident(self) -> str:
-        return str(next(self._ids))
 
     @property
     def in_flight(self) -> int:
@@ -135,7 +123,6 @@ class FunctionPool:
         """Record a change of size; only a policy decision counts as a scale-up or -down."""
         event = ScaleEvent(time.monotonic(), time.time(), before, after, reason)
         self.last_event = event
-        self.events.append(event)
         if decided and after > before:
             self.scale_ups += 1
         elif decided and after < before:
@@ -144,19 +131,23 @@ class FunctionPool:
 
     def record_ready(self, container: Container, now: float) -> None:
         """A container reported ready for the first time: observe its cold start."""
-        container.ready_at = now
         self.cold_starts.observe(max(0.0, now - container.started_at))
 
-    def record_crash(self, container: Container, exitcode: int | None, now: float) -> float:
-        """Count a crash; return the back-off (seconds) before the next start."""
+    def forget(self, ident: str) -> Container | None:
+        """Drop a container that has exited, running or retiring; return it."""
+        return self.containers.pop(ident, None) or self.retiring.pop(ident, None)
+
+    def record_crash(self, container: Container, error: str, now: float) -> float:
+        """Count a crash (``error`` says how it ended); return the back-off before the
+        next start."""
         self.crashes += 1
         if now - container.started_at < CRASH_WINDOW_SECONDS:
             self.consecutive_crashes += 1
         else:
             self.consecutive_crashes = 1
-        delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (self.consecutive_crashes - 1))
+        delay = crash_backoff(self.consecutive_crashes)
         self.backoff_until = now + delay
-        self.last_error = describe_exit(exitcode)
+        self.last_error = error
         if container.report is not None and container.report.error:
             self.last_error += f": {container.report.error}"
         return delay
@@ -192,8 +183,6 @@ def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "exited"
     if exitcode < 0:
-        import signal
-
         try:
             return f"killed by {signal.Signals(-exitcode).name}"
         except ValueError:
