@@ -70,3 +70,7 @@ HELD_REPORT_COST_RATIO = 50
 #: how long a pool thread waits for the event loop to accept its input before it accepts
 #: it itself (the loop is stopping)
 ACCEPT_ON_LOOP_TIMEOUT = 5.0
+#: an input on threads that is still running this long after its ``time_limit`` (or a
+#: revoke with ``terminate=True``) makes its container recycle: it stops taking inputs,
+#: lets the others finish, exits and is replaced
+OVERRUN_GRACE_SECONDS = 2.0

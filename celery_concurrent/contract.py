@@ -33,6 +33,10 @@ SUPERVISOR_PID_ENV = "CELERY_CONCURRENT_SUPERVISOR_PID"
 IDENT_ENV = "CELERY_CONCURRENT_IDENT"
 #: the supervisor's Unix stream socket that hands a starting container the node's revokes
 REVOKES_ENV = "CELERY_CONCURRENT_REVOKES_SOCKET"
+#: the exit status of a container that recycled itself: an input's thread overran its
+#: ``time_limit`` (or a terminate) and could not be stopped; its supervisor replaces it,
+#: and counts a recycle, not a crash (``EX_TEMPFAIL``)
+RECYCLE_EXIT_CODE = 75
 
 
 def container_nodename(spec: FunctionSpec, ident: str | int, host: str | None = None) -> str:

@@ -50,6 +50,8 @@ class FunctionStatus:
     backlog: int | None = None
     capacity: int = 0
     crashes: int = 0
+    #: containers that recycled themselves: an input overran its ``time_limit``
+    recycles: int = 0
     crash_loop: bool = False
     error: str | None = None
     scale_ups: int = 0
@@ -109,6 +111,7 @@ SUMMED = (
     "in_flight",
     "capacity",
     "crashes",
+    "recycles",
     "scale_ups",
     "scale_downs",
 )

@@ -7,7 +7,8 @@ greenlet and a task each, never a thread. ``time_limit`` and ``soft_time_limit``
 enforced by cancelling what the coroutine waits on: the soft limit raises
 :class:`~celery.exceptions.SoftTimeLimitExceeded` inside the coroutine, the hard limit
 closes the coroutine and fails the input with
-:class:`~celery.exceptions.TimeLimitExceeded`.
+:class:`~celery.exceptions.TimeLimitExceeded`. A revoke with ``terminate=True`` closes
+the coroutine after Celery has marked the input ``REVOKED``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from celery.utils.log import get_logger
 from greenlet import getcurrent
 
 from ..asyncbridge import Abandon, InputGreenlet
+from .time_limits import InputAbandoned
 from .wakeup import SlotWakeup
 
 logger = get_logger(__name__)
@@ -38,6 +40,8 @@ class _Limits:
         self.hard = now + hard if hard else None
         self.soft_limit = soft
         self.hard_limit = hard
+        #: terminated (``revoke(terminate=True)``): Celery stored the outcome already
+        self.terminated = False
 
     def next_deadline(self) -> float | None:
         return min((d for d in (self.soft, self.hard) if d is not None), default=None)
@@ -57,6 +61,9 @@ class ApplyResult:
 
     def wait(self, timeout: float | None = None) -> None:
         self.f.exception(timeout)
+
+    def terminate(self, signal: Any = None) -> None:
+        """Nothing: Celery calls the pool's ``terminate_job`` first, which does it."""
 
 
 class AsyncioPool(BasePool):
@@ -78,6 +85,8 @@ class AsyncioPool(BasePool):
         self._idle = threading.Event()
         self._idle.set()
         self.slots = SlotWakeup()
+        #: each running input's task and limits, by the "pid" Celery knows it by
+        self._by_pid: dict[int, tuple[asyncio.Task[None], _Limits]] = {}
 
     def register_with_event_loop(self, loop: Any) -> None:
         self.slots.register(loop)
@@ -104,6 +113,7 @@ class AsyncioPool(BasePool):
         **_: Any,
     ) -> ApplyResult:
         done: Future[Any] = Future()
+        limits = _Limits(self.loop, soft_timeout, timeout)
         with self._accepted_lock:
             self._accepted += 1
             self._idle.clear()
@@ -114,23 +124,33 @@ class AsyncioPool(BasePool):
                 target,
                 args,
                 kwargs,
-                self.slots.wrap(callback),
+                self.slots.wrap(_unless_terminated(callback, limits)),
                 self.slots.wrap_accept(accept_callback),
+                id(done),  # the input's "pid": terminate_job finds it by this
             ),
-            timeout,
-            soft_timeout,
+            limits,
         )
         return ApplyResult(done)
 
-    def _start_input(
-        self, done: Future[Any], call: tuple[Any, ...], hard: float | None, soft: float | None
-    ) -> None:
-        task = self.loop.create_task(self._run_input(done, call, _Limits(self.loop, soft, hard)))
+    def _start_input(self, done: Future[Any], call: tuple[Any, ...], limits: _Limits) -> None:
+        task = self.loop.create_task(self._run_input(done, call, limits))
         self._inputs.add(task)
-        task.add_done_callback(self._input_finished)
+        self._by_pid[id(done)] = (task, limits)
+        task.add_done_callback(lambda t: self._input_finished(t, id(done)))
 
-    def _input_finished(self, task: asyncio.Task[None]) -> None:
+    def terminate_job(self, pid: int, signal: Any = None) -> None:
+        """Close the coroutine of the input ``pid`` at its current ``await``."""
+        self.loop.call_soon_threadsafe(self._terminate, pid)
+
+    def _terminate(self, pid: int) -> None:
+        found = self._by_pid.get(pid)
+        if found is not None and not found[1].terminated:
+            found[1].terminated = True
+            found[0].cancel()
+
+    def _input_finished(self, task: asyncio.Task[None], pid: int) -> None:
         self._inputs.discard(task)
+        self._by_pid.pop(pid, None)
         with self._accepted_lock:
             self._accepted -= 1
             if not self._accepted:
@@ -141,7 +161,15 @@ class AsyncioPool(BasePool):
         try:
             waiting_on = gr.switch(*call)
             while not gr.dead:
-                waiting_on = gr.switch(await self._wait(waiting_on, limits))
+                try:
+                    resume = await self._wait(waiting_on, limits)
+                except asyncio.CancelledError:
+                    if not limits.terminated:
+                        raise
+                    resume = None
+                if limits.terminated:
+                    resume = Abandon(InputAbandoned())
+                waiting_on = gr.switch(resume)
         except BaseException as exc:  # the tracer contains task errors; this is a pool bug
             logger.exception("celery-concurrent: an input's tracer failed")
             done.set_exception(exc)
@@ -195,3 +223,19 @@ class AsyncioPool(BasePool):
         info = super()._get_info()
         info.update({"max-concurrency": self.limit, "in-flight": self.in_flight})
         return info
+
+
+def _unless_terminated(
+    callback: Callable[..., Any] | None, limits: _Limits
+) -> Callable[..., Any] | None:
+    """The request's completion callback, dropped for a terminated input (Celery has
+    announced it revoked)."""
+    if callback is None:
+        return None
+
+    def unless_terminated(*args: Any, **kwargs: Any) -> Any:
+        if not limits.terminated:
+            return callback(*args, **kwargs)
+        return None
+
+    return unless_terminated

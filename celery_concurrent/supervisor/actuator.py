@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from celery.utils.log import get_logger
 
-from ..contract import LoadReport
+from ..contract import RECYCLE_EXIT_CODE, LoadReport
 from ..spec import FunctionSpec
 from .devices import DeviceAllocator
 from .pool import Container, FunctionPool, describe_exit, lowest_free_ident
@@ -192,11 +192,22 @@ class Actuator:
             self.devices.release(container.ident)
             if not retired:
                 self._unretired_exit(pool, container, code, now)
-            if code != 0:  # a clean warm shutdown gave back what it held
+            if code not in (0, RECYCLE_EXIT_CODE):  # a warm shutdown gave back what it held
                 self._give_back(pool, container)
         self.restore_held()
 
     def _unretired_exit(self, pool: FunctionPool, container: Container, code: int, now: float):
+        if code == RECYCLE_EXIT_CODE:
+            # It drained, as a warm shutdown does, to be rid of a thread it cannot stop.
+            pool.recycles += 1
+            logger.warning(
+                "%s: container %s recycled: an input overran its time_limit; replacing it",
+                pool.spec.name,
+                container.ident,
+            )
+            reason = "recycled: an input overran its time_limit"
+            pool.record_event(pool.live + 1, pool.live, reason, decided=False)
+            return
         if code == 0:
             # Stopped from outside with a warm shutdown (a signal to the container, say):
             # it drained and gave back what it held. Not a crash.

@@ -25,6 +25,7 @@ def function_status(
         backlog=pool.backlog,
         capacity=pool.live * pool.spec.target_inputs,
         crashes=pool.crashes,
+        recycles=pool.recycles,
         crash_loop=pool.crash_looping,
         error=pool.last_error,
         scale_ups=pool.scale_ups,

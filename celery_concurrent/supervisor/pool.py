@@ -95,6 +95,8 @@ class FunctionPool:
     retiring: dict[str, Container] = field(default_factory=dict)
     backlog: int = 0
     crashes: int = 0
+    #: containers that exited to be rid of an input's thread they could not stop
+    recycles: int = 0
     consecutive_crashes: int = 0
     backoff_until: float = 0.0
     last_error: str | None = None
