@@ -48,18 +48,19 @@ def raise_in_thread(ident: int, exc_type: type[BaseException] | None) -> bool:
 class Deadline:
     """A call that :class:`Deadlines` makes at ``when``, unless cancelled first."""
 
-    __slots__ = ("when", "seq", "call")
+    __slots__ = ("when", "seq", "call", "owner")
 
-    def __init__(self, when: float, seq: int, call: Callable[[], None] | None) -> None:
+    def __init__(self, when: float, seq: int, call: Callable[[], None], owner: Deadlines) -> None:
         self.when = when
         self.seq = seq
-        self.call = call
+        self.call: Callable[[], None] | None = call
+        self.owner = owner
 
     def __lt__(self, other: Deadline) -> bool:
         return (self.when, self.seq) < (other.when, other.seq)
 
     def cancel(self) -> None:
-        self.call = None
+        self.owner.cancel(self)
 
 
 class Deadlines:
@@ -71,9 +72,10 @@ class Deadlines:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._cancelled = 0
 
     def call_later(self, delay: float, call: Callable[[], None]) -> Deadline:
-        deadline = Deadline(time.monotonic() + delay, next(self._seq), call)
+        deadline = Deadline(time.monotonic() + delay, next(self._seq), call, self)
         with self._changed:
             heapq.heappush(self._heap, deadline)
             if self._thread is None and not self._closed:
@@ -83,6 +85,19 @@ class Deadlines:
                 self._thread.start()
             self._changed.notify()
         return deadline
+
+    def cancel(self, deadline: Deadline) -> None:
+        with self._changed:
+            if deadline.call is None:
+                return
+            deadline.call = None
+            self._cancelled += 1
+            # Most inputs end long before their limits: drop what they leave behind once
+            # it is most of the heap, instead of keeping it until each limit passes.
+            if self._cancelled > 64 and 2 * self._cancelled > len(self._heap):
+                self._heap = [d for d in self._heap if d.call is not None]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
 
     def close(self) -> None:
         with self._changed:
@@ -96,12 +111,15 @@ class Deadlines:
                     now = time.monotonic()
                     if self._heap and self._heap[0].when <= now:
                         due = heapq.heappop(self._heap)
+                        if due.call is None:
+                            self._cancelled -= 1
+                            continue
+                        call, due.call = due.call, None  # a late cancel is a no-op
                         break
                     self._changed.wait(self._heap[0].when - now if self._heap else None)
                 else:
                     return
-            if due.call is not None:
-                try:
-                    due.call()
-                except Exception:  # noqa: BLE001 - one input's limit must not stop the rest
-                    logger.exception("celery-concurrent: a time limit's handler failed")
+            try:
+                call()
+            except Exception:  # noqa: BLE001 - one input's limit must not stop the rest
+                logger.exception("celery-concurrent: a time limit's handler failed")
