@@ -7,6 +7,8 @@ against the private Redis. Limits come as ``apply_async`` options, task options
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from celery import chord
 from celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
@@ -158,3 +160,45 @@ def test_the_issues_function_and_its_chord_give_the_prefork_results(limits, work
     header = [limits.guarded.s(1, 0.01), limits.guarded.s(2), limits.guarded.s(3, 0.01)]
     # What a prefork worker gives: the soft-limited header input returns 0.
     assert chord(header)(limits.collect.s()).get(timeout=60) == [0, 1, 3]
+
+
+def test_an_exception_raised_into_a_thread_reaches_only_that_thread():
+    from celery_concurrent.container.time_limits import raise_in_thread
+
+    stop = threading.Event()
+    outcomes: dict[str, str] = {}
+
+    def spin(name: str) -> None:
+        try:
+            while not stop.is_set():
+                pass
+            outcomes[name] = "stopped"
+        except SoftTimeLimitExceeded:
+            outcomes[name] = "soft limit"
+
+    threads = {name: threading.Thread(target=spin, args=(name,)) for name in ("a", "b")}
+    for thread in threads.values():
+        thread.start()
+    assert raise_in_thread(threads["a"].ident, SoftTimeLimitExceeded)
+    threads["a"].join(30)
+    stop.set()
+    threads["b"].join(30)
+    assert outcomes == {"a": "soft limit", "b": "stopped"}
+
+
+def test_deadlines_fire_in_order_and_cancelled_ones_do_not_pile_up():
+    from celery_concurrent.container.time_limits import Deadlines
+
+    deadlines = Deadlines()
+    fired: list[str] = []
+    try:
+        for _ in range(1000):
+            deadlines.call_later(3600, lambda: fired.append("never")).cancel()
+        assert len(deadlines._heap) < 100
+        deadlines.call_later(0.2, lambda: fired.append("second"))
+        deadlines.call_later(0.1, lambda: fired.append("first"))
+        deadlines.call_later(0.15, lambda: fired.append("cancelled")).cancel()
+        wait_for(lambda: len(fired) == 2, 30, interval=0.01, what="both deadlines")
+        assert fired == ["first", "second"]
+    finally:
+        deadlines.close()
