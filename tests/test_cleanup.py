@@ -1,5 +1,7 @@
-"""Every benchmark and example stops what it started, however it ends: here, interrupted
-half-way by Ctrl-C (SIGINT) or by SIGTERM (``timeout``, ``kill``, run_all).
+"""Every benchmark and example stops what it started, however it ends: here, one of each
+(``bench_burst``, ``make demo``) interrupted half-way by Ctrl-C (SIGINT) or by SIGTERM
+(``timeout``, ``kill``, run_all). The examples share the demo's harness
+(:class:`examples.harness.Stack`), the benchmarks ``benchmarks.common.run_main``.
 
 Each runs as a subprocess in a session of its own, as from a terminal. Its workers, nodes
 and Redis run in sessions of their own too, which no signal to it reaches: only its own
@@ -86,10 +88,10 @@ def test_an_interrupted_benchmark_stops_its_workers_and_its_redis(signum, tmp_pa
 
 
 @pytest.mark.parametrize("signum", INTERRUPTIONS)
-def test_an_interrupted_example_stops_its_node_containers_and_redis(signum):
-    # On an embedded Redis of its own, which it must stop too.
+def test_an_interrupted_demo_stops_its_node_containers_flower_and_redis(signum):
+    # ``make demo`` on an embedded Redis of its own, which it must stop too.
     embedded = {"CELERY_BROKER_URL": None, "CELERY_RESULT_BACKEND": None}
-    run = ModuleRun("examples.io_bound", "--quick", env=embedded)
-    # Half-way: the node and its containers are up, the calls under way.
-    interrupt_half_way(run, " GETs to http", signum, workers=1)
-    assert "interrupted: every process the example started is stopped" in run.output
+    run = ModuleRun("examples.demo", "--quick", env=embedded)
+    # Half-way: the node, its keep_warm containers and Flower are up, the burst is sent.
+    interrupt_half_way(run, "burst:", signum, workers=1)
+    assert "interrupted: every process the demo started is stopped" in run.output

@@ -11,7 +11,6 @@ import contextlib
 import difflib
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -51,17 +50,7 @@ def test_demo_runs_on_an_embedded_redis_scales_up_and_down_and_leaves_nothing_ru
     assert "back to keep_warm=1" in summary and "back to keep_warm=0" in summary
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_stops_the_demo_and_every_process_it_started(signum):
-    run = ModuleRun("examples.demo", "--quick", env=EMBEDDED)
-    try:
-        run.wait_for_line("burst:", 60)
-        # Ctrl-C: what a terminal sends its foreground process group.
-        os.killpg(run.proc.pid, signum)
-    finally:
-        code = run.finish(60)
-    assert code == 130, run.output[-3000:]
-    assert "interrupted: every process the demo started is stopped" in run.output
+# Ctrl-C and SIGTERM half-way through the demo: tests/test_cleanup.py.
 
 
 def test_demo_on_rabbitmq_keeps_results_in_an_embedded_redis():

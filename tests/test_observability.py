@@ -80,7 +80,7 @@ def test_flower_shows_each_container_its_tasks_and_the_retired_ones_offline(
         assert all(t["name"] == BURST for t in tasks.values())
 
         # A second burst reuses the names: Flower shows the same four, not four more.
-        second = group(scaling_app.burst.s("f2", 2.0) for _ in range(300)).apply_async()
+        second = group(scaling_app.burst.s("f2", 1.0) for _ in range(300)).apply_async()
         assert second.get(timeout=60) == ["f2"] * 300
         wait_for(retired, 60, interval=0.5, what="back to one container")
         assert set(burst_workers(flower)) == set(seen)
