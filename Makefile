@@ -1,7 +1,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-LINTED := celery_concurrent tests benchmarks examples docs
+LINTED := celery_concurrent devkit tests benchmarks examples docs
 
 .PHONY: venv test soak lint demo bench format clean
 

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"detected {len(devices)} GPU(s): {', '.join(map(str, devices))}")
 
     from celery_concurrent.cli import collect_status
-    from celery_concurrent.testing import RedisServer
+    from devkit.servers import RedisServer
     from tests.support import Workers
 
     redis_server = RedisServer()

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from celery_concurrent.testing import FlowerServer, redis_server, stop_process  # noqa: E402
+from devkit.servers import FlowerServer, redis_server, stop_process  # noqa: E402
 
 APP = "examples.app"
 CHROMIUM_FLAGS = (

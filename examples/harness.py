@@ -34,7 +34,8 @@ from kombu.utils.url import maybe_sanitize_url
 
 from celery_concurrent import specs_of
 from celery_concurrent.cli import collect_status
-from celery_concurrent.testing import FlowerServer, RedisServer, embedded_redis_binary, stop_process
+from devkit.servers import FlowerServer, RedisServer, embedded_redis_binary, stop_process
+from devkit.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SCHEMES = ("redis", "rediss")
@@ -304,20 +305,6 @@ def results_of(result: Any, timeout: float = 120.0) -> Any:
     return result.get(timeout=timeout, interval=0.01)
 
 
-def wait_for(
-    predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2
-) -> T:
-    """Poll ``predicate`` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise ExampleError(f"{what}: not within {timeout:.0f}s")
-        time.sleep(interval)
-
-
 def wait_for_containers(app: Any, wanted: dict[str, int], timeout: float = 60.0) -> None:
     """Wait until each named function has at least that many ready containers."""
 
@@ -325,7 +312,7 @@ def wait_for_containers(app: Any, wanted: dict[str, int], timeout: float = 60.0)
         rows = {row["function"]: row for row in status_rows(app)}
         return all(rows.get(name, {}).get("ready", 0) >= n for name, n in wanted.items())
 
-    wait_for(ready, timeout, f"ready containers {wanted}")
+    wait_for(ready, timeout, interval=0.2, what=f"ready containers {wanted}", error=ExampleError)
 
 
 def format_table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:

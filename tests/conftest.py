@@ -38,6 +38,14 @@ def _unshare_tasks_made_in_tests() -> Iterator[None]:
     _state._on_app_finalizers.intersection_update(finalizers)
 
 
+@pytest.fixture
+def app():
+    """A fresh app on an in-memory broker; its tasks are unshared after the test (above)."""
+    from celery import Celery
+
+    return Celery("t", broker="memory://", set_as_current=False)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()

@@ -15,14 +15,15 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 import redis
 
-from celery_concurrent.testing import RedisServer, free_port, redis_server_binary, stop_process
+from devkit.servers import RedisServer, free_port, redis_server_binary, stop_process
+from devkit.waiting import wait_for
 
 __all__ = [
     "ModuleRun",
@@ -32,6 +33,7 @@ __all__ = [
     "redis_server_binary",
     "stop_process",
     "stop_processes",
+    "wait_for",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,19 +175,6 @@ def burst(rds: redis.Redis, template: str, queue: str) -> float:
     began = time.time()
     rds.copy(template, queue, replace=True)
     return began
-
-
-def wait_for(
-    predicate: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "condition"
-) -> T:
-    """Poll ``predicate`` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 #: how long to wait for the nodes' answers to a broadcast, asked again with the next

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from celery import Celery, _state
+from celery import Celery
 
 from celery_concurrent import ConfigurationError, concurrent, parse_gpu, spec_of
 from celery_concurrent.gpu import describe_requests, unplaceable_reason
@@ -373,14 +372,6 @@ def test_unplaceable_reason_names_what_no_node_has() -> None:
 
 
 # --- queues and container names ----------------------------------------------------------
-
-
-@pytest.fixture
-def app() -> Iterator[Celery]:
-    """A fresh app whose tasks are not shared with apps made later."""
-    finalizers = set(_state._on_app_finalizers)
-    yield Celery("proj", broker="memory://", set_as_current=False)
-    _state._on_app_finalizers.intersection_update(finalizers)
 
 
 def test_a_gpu_function_gets_a_gpu_queue_and_queue_still_overrides(app: Celery) -> None:

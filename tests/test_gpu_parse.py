@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Celery, _state
+from celery import Celery
 
 from celery_concurrent import (
     ConfigurationError,
@@ -19,14 +18,6 @@ from celery_concurrent import (
 
 ANY = GpuRequest("ANY", 1)
 A100 = GpuRequest("A100", 1)
-
-
-@pytest.fixture
-def app() -> Iterator[Celery]:
-    """A fresh app whose tasks are not shared with apps made later."""
-    finalizers = set(_state._on_app_finalizers)
-    yield Celery("t", broker="memory://", set_as_current=False)
-    _state._on_app_finalizers.intersection_update(finalizers)
 
 
 @pytest.mark.parametrize(

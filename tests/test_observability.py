@@ -18,7 +18,7 @@ import psutil
 from celery import group
 from prometheus_client.parser import text_string_to_metric_families
 
-from celery_concurrent.testing import FlowerServer
+from devkit.servers import FlowerServer
 
 from .apps.measure import UNTIL_RELEASED
 from .support import ROOT, free_port, wait_for

