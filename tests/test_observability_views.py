@@ -30,6 +30,7 @@ def status_row(**values: Any) -> dict[str, Any]:
         "backlog": 7,
         "capacity": 40,
         "crashes": 0,
+        "recycles": 0,
         "crash_loop": False,
         "error": None,
         "scale_ups": 2,
@@ -125,11 +126,11 @@ def test_metrics_are_prefixed_and_labelled_by_function_and_node() -> None:
         "celery_concurrent_scale_ups",
         "celery_concurrent_scale_downs",
         "celery_concurrent_crashes",
+        "celery_concurrent_recycles",
         "celery_concurrent_cold_start_seconds",
     }
-    assert {f.type for n, f in families.items() if n.endswith(("ups", "downs", "crashes"))} == {
-        "counter"
-    }
+    counters = ("ups", "downs", "crashes", "recycles")
+    assert {f.type for n, f in families.items() if n.endswith(counters)} == {"counter"}
     assert families["celery_concurrent_cold_start_seconds"].type == "histogram"
 
     def value(name: str, function: str, **labels: str) -> float:

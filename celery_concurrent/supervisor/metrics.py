@@ -62,6 +62,7 @@ COUNTERS = {
     "scale_ups": ("scale_ups", "Scaling decisions that started containers."),
     "scale_downs": ("scale_downs", "Scaling decisions that retired containers."),
     "crashes": ("crashes", "Containers that exited without being asked to."),
+    "recycles": ("recycles", "Containers replaced because an input overran its time_limit."),
 }
 
 
