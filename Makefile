@@ -18,7 +18,7 @@ test: venv
 
 # 50,000 inputs through scale-up and scale-down cycles, per broker (a few minutes)
 soak: venv
-	$(PY) -m pytest -q -s -m slow tests/test_soak.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q -s -n 0 -m slow tests/test_soak.py $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff format --check $(LINTED)

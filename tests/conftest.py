@@ -24,6 +24,14 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run every test that uses this machine's RabbitMQ in one test process, one at a
+    time: one of them restarts the broker, which the others would see as a fault."""
+    for item in items:
+        if "rabbitmq" in item.nodeid or item.get_closest_marker("rabbitmq"):
+            item.add_marker(pytest.mark.xdist_group("rabbitmq"))
+
+
 @pytest.fixture(autouse=True)
 def _unshare_tasks_made_in_tests() -> Iterator[None]:
     """``@app.task`` shares each task with every app finalized later; undo that per test.
