@@ -183,10 +183,11 @@ def test_canvas_of_concurrent_functions_on_different_containers(compat_app, work
     header = [app.add.s(i, 1) for i in range(5)] + [app.aio_add.s(i, 2) for i in range(5)]
     assert chord(header)(app.total.s()).get(timeout=30) == sum(range(5)) * 2 + 15
     # Each function ran in its own containers, named for it.
-    workers_seen = {
-        app.app.AsyncResult(r.id).worker for r in group(app.add.s(0, 0)).apply_async().results
-    }
-    assert all(w and w.startswith(f"{COMPAT}.add-") for w in workers_seen if w)
+    probe = group(app.add.s(0, 0), app.aio_add.s(0, 0)).apply_async()
+    assert probe.get(timeout=30) == [0, 0]
+    workers_seen = [app.app.AsyncResult(r.id).worker for r in probe.results]
+    assert workers_seen[0].startswith(f"{COMPAT}.add-"), workers_seen
+    assert workers_seen[1].startswith(f"{COMPAT}.aio_add-"), workers_seen
 
 
 def test_celery_task_options_work_through_containers(compat_app, workers, rds):
