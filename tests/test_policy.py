@@ -672,3 +672,136 @@ def test_a_flooded_node_drains_the_flooder_down_to_its_fair_share() -> None:
 )
 def test_crash_backoff_doubles_up_to_a_minute(streak: int, delay: float) -> None:
     assert crash_backoff(streak) == delay
+
+
+# -- cluster scope: the bounds over every node, the choice over every container ---------
+
+
+def remote(ident: str, in_flight: int = 0, idle_for: float = 0.0) -> ContainerState:
+    return ContainerState(f"proj.fetch-{ident}@other", in_flight=in_flight, idle_for=idle_for)
+
+
+CLUSTER_CASES = [
+    pytest.param(
+        spec(keep_warm=1), 0, [], [remote("1", idle_for=999)], None, (0, 0, ()),
+        id="keep-warm-held-by-another-node-starts-nothing-here",
+    ),
+    pytest.param(
+        spec(keep_warm=1), 0, [], [], None, (1, 1, ()),
+        id="keep-warm-held-by-no-node-starts-one-here",
+    ),
+    pytest.param(
+        spec(concurrency_limit=3), 100, [], [remote("1", 1), remote("2", 1)], None, (1, 1, ()),
+        id="limit-three-with-two-elsewhere-starts-one",
+    ),
+    pytest.param(
+        spec(concurrency_limit=3), 100, [busy("1")], [remote("1", 1), remote("2", 1)], None,
+        (1, 0, ()),
+        id="limit-reached-over-the-cluster-starts-nothing",
+    ),
+    pytest.param(
+        spec(concurrency_limit=10), 100, [], [remote(str(i), 1) for i in range(4)], 3, (3, 3, ()),
+        id="node-capacity-still-bounds-this-nodes-share",
+    ),
+    pytest.param(
+        spec(keep_warm=1, scaledown_window=10), 0, [idle("1", 50)], [remote("1", idle_for=90)],
+        None, (0, 0, ()),
+        id="the-idlest-container-is-elsewhere-so-this-node-keeps-its-own",
+    ),
+    pytest.param(
+        spec(keep_warm=1, scaledown_window=10), 0, [idle("1", 90)], [remote("1", idle_for=50)],
+        None, (0, 0, ("1",)),
+        id="this-nodes-container-is-the-idlest-so-it-retires",
+    ),
+    pytest.param(
+        spec(keep_warm=2, scaledown_window=10), 0, [idle("1", 90)], [remote("1", idle_for=50)],
+        None, (1, 0, ()),
+        id="keep-warm-counts-every-node-so-nothing-retires",
+    ),
+    pytest.param(
+        spec(concurrency_limit=2), 10, [busy("1", 5)], [remote("1", 1), remote("2", 1)], None,
+        (0, 0, ()),
+        id="above-a-lowered-limit-the-least-busy-go-which-are-elsewhere",
+    ),
+    pytest.param(
+        spec(concurrency_limit=2), 10, [busy("1", 1)], [remote("1", 3), remote("2", 5)], None,
+        (0, 0, ("1",)),
+        id="above-a-lowered-limit-this-nodes-least-busy-container-goes",
+    ),
+    pytest.param(
+        spec(max_inputs=10), 0, [busy("1", 10)], [remote("1", 10)], None, (1, 0, ()),
+        id="in-flight-elsewhere-counts-in-the-demand",
+    ),
+    pytest.param(
+        spec(max_inputs=10), 5, [busy("1", 10)], [remote("1", 10)], None, (2, 1, ()),
+        id="backlog-beyond-every-nodes-capacity-starts-one-more",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fn", "backlog", "containers", "elsewhere", "node_capacity", "expected"), CLUSTER_CASES
+)
+def test_cluster_decision(
+    fn: FunctionSpec,
+    backlog: int,
+    containers: Sequence[ContainerState],
+    elsewhere: Sequence[ContainerState],
+    node_capacity: int | None,
+    expected: tuple[int, int, tuple[str, ...]],
+) -> None:
+    obs = Observation(
+        fn, backlog, tuple(containers), node_capacity, elsewhere=tuple(elsewhere)
+    )
+    decision = decide(obs)
+    assert (decision.desired, decision.start, decision.retire) == expected
+
+
+def test_cluster_desired_is_the_number_over_every_node() -> None:
+    obs = Observation(
+        spec(concurrency_limit=3), 100, (), None, elsewhere=(remote("1", 1), remote("2", 1))
+    )
+    decision = decide(obs)
+    assert decision.cluster_desired == 3
+    assert decision.desired == 1
+    assert "max_containers 3" in decision.reason
+
+
+@st.composite
+def cluster_observations(draw: st.DrawFn) -> Observation:
+    """An observation of this node's containers with others' split off as ``elsewhere``."""
+    obs = draw(observations())
+    split = draw(st.integers(0, len(obs.containers)))
+    elsewhere = tuple(
+        ContainerState(f"{c.ident}@other", c.in_flight, c.idle_for, c.starting)
+        for c in obs.containers[split:]
+    )
+    return Observation(
+        obs.spec, obs.backlog, obs.containers[:split], obs.node_capacity, elsewhere=elsewhere
+    )
+
+
+@PROPERTY
+@given(cluster_observations())
+def test_cluster_starts_never_exceed_the_limit_and_retire_only_this_nodes(
+    obs: Observation,
+) -> None:
+    decision = decide(obs)
+    total = len(obs.everywhere)
+    mine = {c.ident for c in obs.containers}
+    assert set(decision.retire) <= mine
+    if decision.start:
+        limit = obs.spec.max_containers
+        assert limit is None or total + decision.start <= limit
+        assert total + decision.start <= (decision.cluster_desired or 0)
+        if obs.node_capacity is not None:
+            assert len(obs.containers) + decision.start <= obs.node_capacity
+    idle_only = all(ident not in _forced_set(obs) for ident in decision.retire)
+    if idle_only and decision.retire:
+        assert total - len(decision.retire) >= obs.spec.min_containers
+
+
+def _forced_set(obs: Observation) -> set[str]:
+    over = 0 if obs.spec.max_containers is None else len(obs.everywhere) - obs.spec.max_containers
+    over_node = 0 if obs.node_capacity is None else len(obs.containers) - obs.node_capacity
+    return {c.ident for c in obs.containers} if max(over, over_node) > 0 else set()

@@ -4,26 +4,33 @@ Read top to bottom it is the whole rule:
 
 * a function the node cannot place (a GPU it lacks), or whose backlog cannot be read
   (the broker is unreachable), gets no decision: what runs keeps running;
-* ``demand = backlog + in_flight``;
-* ``desired = ceil(demand / target_inputs)``, plus ``buffer_containers`` while busy;
-* clamped to ``[min_containers, min(max_containers, node capacity)]``, where the node
-  capacity is the function's share of the node (:func:`node_share`: every busy function
-  may use its fair share even when others fill the node, so a flood of one never starves
-  another) and, for a GPU function, what its free devices can hold
-  (:func:`device_capacity`);
-* start the difference at once when ``desired`` exceeds the live containers, unless the
-  function is backing off after crashes (:func:`crash_backoff`);
-* retire only containers idle for ``scaledown_window``, most idle first, never below
-  ``desired`` (which is never below ``min_containers``);
-* above the upper bound (after a runtime update lowered it, or when other functions
-  claim their share) drain the surplus at once, least busy first, leaving containers
-  still starting for a later decision. Retiring always drains: no input is cut off.
+* the function's containers are this node's and, in cluster scope, every other node's
+  (``elsewhere``, as their leases show them): the bounds and the demand are the
+  function's over the whole cluster;
+* ``demand = backlog + in_flight`` of every container;
+* ``desired = ceil(demand / target_inputs)``, plus ``buffer_containers`` while busy,
+  clamped to ``[min_containers, max_containers]``;
+* this node may hold at most its capacity: the function's share of the node
+  (:func:`node_share`: every busy function may use its fair share even when others fill
+  the node, so a flood of one never starves another) and, for a GPU function, what its
+  free devices can hold (:func:`device_capacity`);
+* start the difference at once when ``desired`` exceeds the containers, as many as the
+  node has room for, unless the function is backing off after crashes
+  (:func:`crash_backoff`); in cluster scope each start must first win a lease, so nodes
+  that decide at once never start more than ``desired`` between them;
+* retire only containers idle for ``scaledown_window``, most idle first over the
+  cluster, never below ``desired`` (which is never below ``min_containers``); a node
+  retires those of its own that are chosen;
+* above ``max_containers`` (after a runtime update lowered it) or the node's capacity
+  (when other functions claim their share) drain the surplus at once, least busy first,
+  leaving containers still starting for a later decision. Retiring always drains: no
+  input is cut off.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..constants import BACKOFF_BASE_SECONDS, BACKOFF_MAX_SECONDS
@@ -56,15 +63,26 @@ class Observation:
     placeable: bool = True
     #: the function crashed lately and waits before its next start
     backing_off: bool = False
+    #: its containers on other nodes (cluster scope), as their leases show them
+    elsewhere: tuple[ContainerState, ...] = ()
+
+    @property
+    def everywhere(self) -> tuple[ContainerState, ...]:
+        return (*self.containers, *self.elsewhere)
 
     @property
     def in_flight(self) -> int:
-        return sum(c.in_flight for c in self.containers)
+        return sum(c.in_flight for c in self.everywhere)
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do now: start ``start`` containers and retire those in ``retire``."""
+    """What to do now: start ``start`` containers and retire those in ``retire``.
+
+    ``desired`` is what the node aims at; ``cluster_desired`` the function's number over
+    every node (the same in node scope): the limit a start's lease is admitted under, and
+    the number an idle container's release keeps.
+    """
 
     desired: int
     start: int = 0
@@ -72,6 +90,7 @@ class Decision:
     reason: str = ""
     #: no decision was taken (nothing observed to decide on): keep what runs
     held: bool = False
+    cluster_desired: int | None = None
 
     @property
     def changes(self) -> bool:
@@ -99,53 +118,71 @@ def decide(obs: Observation) -> Decision:
         return Decision(live, reason="broker unreachable: keeping what runs", held=True)
     if not obs.placeable:
         return Decision(live, reason="this node cannot place it", held=True)
+    total = len(obs.everywhere)
     demand = obs.backlog + obs.in_flight
     demanded_containers = _containers_for(obs.spec, demand)
     buffered_containers = _apply_buffer(obs.spec, demand, demanded_containers)
-    desired = _apply_bounds(obs, buffered_containers)
-    capacity = live * obs.spec.target_inputs
+    desired = _apply_bounds(obs.spec, buffered_containers)
+    here = _here(obs, desired)
+    capacity = total * obs.spec.target_inputs
     load = f"backlog {obs.backlog}, in flight {obs.in_flight}, capacity {capacity}"
-    if desired > live:
+    start = min(desired - total, here - live)
+    if start > 0:
         if obs.backing_off:
-            return Decision(desired, reason=_joined(load, "backing off after a crash"))
-        why = _why_start(obs, demand, buffered_containers, desired)
-        return Decision(desired, start=desired - live, reason=_joined(load, why))
-    if desired < live:
-        chosen = _retirable(obs, desired)
+            return Decision(here, reason=_joined(load, "backing off after a crash"),
+                            cluster_desired=desired)
+        why = _why_start(obs, demand, buffered_containers, desired, here)
+        return Decision(here, start=start, reason=_joined(load, why), cluster_desired=desired)
+    chosen = _retirable(obs, desired)
+    if chosen.idents:
         return Decision(
-            desired, retire=chosen.idents, reason=_joined(load, _why_retire(obs, chosen))
+            here,
+            retire=chosen.idents,
+            reason=_joined(load, _why_retire(obs, chosen)),
+            cluster_desired=desired,
         )
-    return Decision(desired, reason=load)
+    return Decision(here, reason=load, cluster_desired=desired)
+
+
+def _here(obs: Observation, desired: int) -> int:
+    """How many of the ``desired`` containers this node aims to hold."""
+    mine = max(0, desired - len(obs.elsewhere))
+    return mine if obs.node_capacity is None else min(mine, obs.node_capacity)
 
 
 def _joined(reason: str, why: str) -> str:
     return f"{reason}; {why}" if why else reason
 
 
-def _why_start(obs: Observation, demand: int, wanted: int, desired: int) -> str:
+def _why_start(obs: Observation, demand: int, wanted: int, desired: int, here: int) -> str:
     """What besides the demand set the number: a bound or the buffer (demand needs none)."""
     spec = obs.spec
     if desired > wanted:
         return f"min_containers {spec.min_containers}"
-    if desired < wanted:
-        return _bound_name(obs, desired)
+    if desired < wanted and (obs.node_capacity is None or desired <= obs.node_capacity):
+        return f"max_containers {desired}"
+    if here < wanted and here == obs.node_capacity:
+        return f"node capacity {here}"
     if spec.buffer_containers and demand > 0:
         return f"buffer_containers {spec.buffer_containers}"
     return ""
 
 
 def _why_retire(obs: Observation, chosen: Retirement) -> str:
-    upper = upper_bound(obs.spec, obs.node_capacity)
-    notes = [f"above {_bound_name(obs, upper)}"] if chosen.over_bound and upper is not None else []
+    notes = []
+    if chosen.over_bound:
+        upper = upper_bound(obs.spec, obs.node_capacity)
+        cluster_over = (
+            obs.spec.max_containers is not None
+            and len(obs.everywhere) > obs.spec.max_containers
+        )
+        if cluster_over:
+            notes.append(f"above max_containers {obs.spec.max_containers}")
+        elif upper is not None:
+            notes.append(f"above node capacity {upper}")
     if chosen.idle:
         notes.append(f"idle for scaledown_window {obs.spec.scaledown_window:g}s")
     return "; ".join(notes)
-
-
-def _bound_name(obs: Observation, upper: int) -> str:
-    if obs.spec.max_containers == upper:
-        return f"max_containers {upper}"
-    return f"node capacity {upper}"
 
 
 def _containers_for(spec: FunctionSpec, demand: int) -> int:
@@ -157,40 +194,48 @@ def _apply_buffer(spec: FunctionSpec, demand: int, desired: int) -> int:
 
 
 def upper_bound(spec: FunctionSpec, node_capacity: int | None) -> int | None:
-    """The most containers the function may have: its own limit and the node's."""
+    """The most containers the function may have on a node: its own limit and the node's."""
     bounds = [b for b in (spec.max_containers, node_capacity) if b is not None]
     return min(bounds) if bounds else None
 
 
-def _apply_bounds(obs: Observation, desired: int) -> int:
-    desired = max(desired, obs.spec.min_containers)
-    upper = upper_bound(obs.spec, obs.node_capacity)
-    return desired if upper is None else min(desired, upper)
+def _apply_bounds(spec: FunctionSpec, desired: int) -> int:
+    desired = max(desired, spec.min_containers)
+    return desired if spec.max_containers is None else min(desired, spec.max_containers)
+
+
+def _least_busy(containers: Sequence[ContainerState]) -> list[ContainerState]:
+    # A starting container cannot be retired yet; it drains on a later decision.
+    return sorted(
+        (c for c in containers if not c.starting),
+        key=lambda c: (c.in_flight, -c.idle_for, c.ident),
+    )
 
 
 def _retirable(obs: Observation, desired: int) -> Retirement:
-    live = len(obs.containers)
-    upper = upper_bound(obs.spec, obs.node_capacity)
-    over_bound = max(0, live - upper) if upper is not None else 0
-    # A starting container cannot be retired yet; it drains on a later decision.
-    least_busy = sorted(
-        (c for c in obs.containers if not c.starting),
-        key=lambda c: (c.in_flight, -c.idle_for, c.ident),
-    )
-    forced = least_busy[:over_bound]
+    """What to retire, chosen over the cluster; only this node's containers are named."""
+    everywhere = obs.everywhere
+    mine = {c.ident for c in obs.containers}
+    limit = obs.spec.max_containers
+    forced = _least_busy(everywhere)[: max(0, len(everywhere) - limit)] if limit else []
+    if obs.node_capacity is not None:
+        forced_here = sum(c.ident in mine for c in forced)
+        over_node = len(obs.containers) - obs.node_capacity - forced_here
+        rest = [c for c in _least_busy(obs.containers) if c not in forced]
+        forced += rest[: max(0, over_node)]
     window = obs.spec.scaledown_window
     idle = sorted(
         (
             c
-            for c in obs.containers
+            for c in everywhere
             if c not in forced and not c.starting and c.in_flight == 0 and c.idle_for >= window
         ),
         key=lambda c: (-c.idle_for, c.ident),
     )
-    surplus = live - desired - len(forced)
+    surplus = len(everywhere) - desired - len(forced)
     return Retirement(
-        over_bound=tuple(c.ident for c in forced),
-        idle=tuple(c.ident for c in idle[: max(0, surplus)]),
+        over_bound=tuple(c.ident for c in forced if c.ident in mine),
+        idle=tuple(c.ident for c in idle[: max(0, surplus)] if c.ident in mine),
     )
 
 
