@@ -43,6 +43,14 @@ REVOKES_SEND_TIMEOUT = 5.0
 GPU_DETECT_TIMEOUT = 10.0
 #: the address the metrics endpoint binds unless ``--concurrent-metrics-address`` says
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+#: where a function's bounds hold unless ``--concurrent-scope`` (or the
+#: ``concurrent_scope`` setting) says: ``cluster``, over every node on the broker, or
+#: ``node``, on each node alone
+DEFAULT_SCOPE = "cluster"
+SCOPES = ("cluster", "node")
+#: how long a call to the coordination Redis may take before the node counts it failed
+#: (a node cut off from Redis must not hang its turns)
+COORDINATION_SOCKET_TIMEOUT = 1.0
 
 # -- a container -----------------------------------------------------------------------
 

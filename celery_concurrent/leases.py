@@ -176,6 +176,11 @@ class ContainerLoad:
     spec_digest:
         :func:`spec_digest` of the spec the node runs the function with: nodes that
         disagree (a rolling deploy) can see it and hold the stricter bounds.
+    draining:
+        Retired: it finishes what it runs and takes nothing new. It still holds its
+        lease (its inputs still run) but no longer counts as capacity.
+    max_containers:
+        The function's ``max_containers`` on that node: the lowest over the nodes holds.
     age_s:
         Seconds since the record was written, by Redis' clock; set when it is read
         (:meth:`ContainerLeases.cluster_load`), never written.
@@ -186,6 +191,8 @@ class ContainerLoad:
     idle_s: float
     ready: bool
     spec_digest: str
+    draining: bool = False
+    max_containers: int | None = None
     age_s: float = field(default=0.0, compare=False)
 
     @property

@@ -19,12 +19,16 @@ from .constants import (
     CONTAINERS_PER_CPU,
     DEFAULT_METRICS_ADDRESS,
     DEFAULT_POLL_INTERVAL,
+    DEFAULT_SCOPE,
     MEMORY_PER_CONTAINER,
+    SCOPES,
 )
+from .container.held_renewal import HeldRenewal
 from .container.prefetch_gate import PrefetchGate
 from .container.reporter import LoadReporter
 from .container.revokes import RevokeSync
 from .container.worker import configure_container
+from .coordination import SCOPE_SETTING
 from .errors import ConcurrentError, ConfigurationError, UnknownFunctionError
 from .registry import adopt_async_run, spec_of, specs_of
 from .routing import ensure_router
@@ -97,6 +101,14 @@ WORKER_OPTIONS = (
         "(default: none; 0 picks a free port).",
     ),
     click.Option(
+        ["--concurrent-scope"],
+        type=click.Choice(SCOPES),
+        default=None,
+        help=f"Where each function's bounds hold: 'cluster', over every node on the broker "
+        f"(leases in Redis), or 'node', on each node alone (default: the {SCOPE_SETTING} "
+        f"setting, else {DEFAULT_SCOPE}).",
+    ),
+    click.Option(
         ["--concurrent-metrics-address"],
         default=None,
         help=f"The address the metrics endpoint binds (default {DEFAULT_METRICS_ADDRESS}).",
@@ -119,6 +131,7 @@ def install(app: Celery) -> Celery:
         app.user_options["worker"].add(option)
     app.steps["worker"].add(SupervisorStep)
     app.steps["worker"].add(LoadReporter)
+    app.steps["worker"].add(HeldRenewal)
     app.steps["consumer"].add(PrefetchGate)
     app.steps["consumer"].add(RevokeSync)
     app.steps["worker"].add(MetricsStep)

@@ -26,10 +26,13 @@ class FunctionStatus:
 
     How :func:`merge` combines the rows of several nodes, field by field: the counts
     (``containers`` to ``scale_downs``) add up; ``backlog`` is the largest (every node
-    reads the same queue, some a moment later); ``crash_loop`` and ``placeable`` hold if
-    they hold on any node; ``error`` and the bounds are the first node's; ``last_event``
-    is the newest; ``pids``, ``gpu_devices`` and ``nodes`` gather every node's, and
-    ``per_node`` keeps each node's own counts.
+    reads the same queue, some a moment later); ``crash_loop``, ``placeable`` and
+    ``spec_conflict`` hold if they hold on any node; ``error`` is the first node's; the
+    bounds are the strictest (the lowest ``max_containers``: what the cluster holds) and
+    nodes that disagree on them set ``spec_conflict``; ``cluster_containers`` is the most
+    any node counted; ``scope`` is the nodes' if they agree, else ``mixed``;
+    ``last_event`` is the newest; ``pids``, ``gpu_devices`` and ``nodes`` gather every
+    node's, and ``per_node`` keeps each node's own counts.
     """
 
     function: str
@@ -66,6 +69,15 @@ class FunctionStatus:
     nodes: list[str] = field(default_factory=list)
     #: each node's own counts, by node name
     per_node: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: where the bounds hold: ``cluster`` (over every node), ``node``, or ``mixed``
+    scope: str = "node"
+    #: the function's containers over the cluster, by their leases (cluster scope)
+    cluster_containers: int | None = None
+    #: nodes run the function with different settings (a rolling deploy): the
+    #: strictest bound holds
+    spec_conflict: bool = False
+    #: the node can reach the Redis that holds the leases (cluster scope)
+    coordination_reachable: bool = True
 
     @classmethod
     def unserved(cls, spec: FunctionSpec) -> FunctionStatus:
@@ -99,7 +111,19 @@ class FunctionStatus:
 
     def node_view(self) -> dict[str, Any]:
         """What :attr:`per_node` keeps of one node's row."""
-        keys = ("containers", "ready", "retiring", "in_flight", "crashes", "error", "pids")
+        keys = (
+            "containers",
+            "ready",
+            "retiring",
+            "in_flight",
+            "crashes",
+            "error",
+            "pids",
+            "scope",
+            "max_containers",
+            "min_containers",
+            "coordination_reachable",
+        )
         return {key: getattr(self, key) for key in keys}
 
 
@@ -155,8 +179,26 @@ def _add(into: FunctionStatus, row: FunctionStatus, nodename: str) -> None:
         into.backlog = row.backlog if into.backlog is None else max(into.backlog, row.backlog)
     into.crash_loop = into.crash_loop or row.crash_loop
     into.error = into.error or row.error
+    _merge_bounds(into, row, first)
     into.placeable = row.placeable if first else into.placeable or row.placeable
     into.pids = sorted([*into.pids, *row.pids])
     into.gpu_devices = {**into.gpu_devices, **row.gpu_devices}
     if (row.last_event_at or 0) > (into.last_event_at or 0):
         into.last_event, into.last_event_at = row.last_event, row.last_event_at
+
+
+def _merge_bounds(into: FunctionStatus, row: FunctionStatus, first: bool) -> None:
+    """Nodes that disagree on a function's bounds: flag it, and show what holds."""
+    if first:
+        return
+    bounds = ("min_containers", "max_containers", "max_inputs", "target_inputs")
+    if any(getattr(into, key) != getattr(row, key) for key in bounds):
+        into.spec_conflict = True
+    limits = [m for m in (into.max_containers, row.max_containers) if m is not None]
+    into.max_containers = min(limits) if limits else None
+    if into.scope != row.scope:
+        into.scope = "mixed"
+    if row.cluster_containers is not None:
+        into.cluster_containers = max(into.cluster_containers or 0, row.cluster_containers)
+    into.spec_conflict = into.spec_conflict or row.spec_conflict
+    into.coordination_reachable = into.coordination_reachable and row.coordination_reachable

@@ -1,4 +1,4 @@
-"""Container leases and held-message leases: the Lua scripts, on the session's private Redis.
+"""Container leases and held messages: the Lua scripts, on the session's private Redis.
 
 Short TTLs (a fraction of a second to a second) let leases lapse within a test; every
 wait is on a condition, with generous timeouts, so that a loaded machine only makes the
@@ -16,7 +16,7 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
-from celery_concurrent.held_leases import HeldLeases, UnackedKeys, holder_name
+from celery_concurrent.held_messages import HeldMessages, UnackedKeys
 from celery_concurrent.leases import ContainerLeases, ContainerLoad, spec_digest
 from celery_concurrent.spec import FunctionSpec
 
@@ -290,141 +290,86 @@ def test_racing_acquires_from_two_clients_never_exceed_the_limit(broker_url):
     assert sides[0].count() == 0
 
 
-# -- held-message leases ------------------------------------------------------------------
+# -- held messages -------------------------------------------------------------------------
 
 
-def deliver(rds: redis.Redis, *tags: str, at: float = 1000.0) -> UnackedKeys:
+def deliver(
+    rds: redis.Redis, *tags: str, at: float = 1000.0, routing_key: str = "q"
+) -> UnackedKeys:
     """Put ``tags`` in kombu's default unacked keys, as delivered at ``at`` (long ago)."""
     keys = UnackedKeys()
     for tag in tags:
-        rds.hset(keys.payloads, tag, '[{}, "", "q"]')
+        rds.hset(keys.payloads, tag, json.dumps([{}, "", routing_key]))
         rds.zadd(keys.index, {tag: at})
     return keys
 
 
 def test_renew_held_moves_only_still_unacked_tags_to_now(rds):
     keys = deliver(rds, "t1", "t2")
-    held = HeldLeases(rds, keys)
+    held = HeldMessages(rds, keys)
     before = redis_now(rds)
-    assert held.renew("h", ["t1", "t2", "acked"], ttl=LONG) == ["t1", "t2"]
+    assert held.renew(["t1", "t2", "acked"]) == ["t1", "t2"]
     after = redis_now(rds)
     for tag in ("t1", "t2"):
         assert before <= rds.zscore(keys.index, tag) <= after
     # A tag acknowledged (or restored) meanwhile is not put back in the index.
     assert rds.zscore(keys.index, "acked") is None
-    assert rds.smembers(held.held_key("h")) == {b"t1", b"t2"}
 
 
 def test_renew_held_skips_a_tag_whose_payload_is_gone(rds):
     keys = deliver(rds, "t1", "t2")
     rds.hdel(keys.payloads, "t2")  # kombu's channel._restore drops the payload only
-    held = HeldLeases(rds, keys)
-    assert held.renew("h", ["t1", "t2"], ttl=LONG) == ["t1"]
+    held = HeldMessages(rds, keys)
+    assert held.renew(["t1", "t2"]) == ["t1"]
     assert rds.zscore(keys.index, "t2") == 1000.0
 
 
-def test_held_tags_recorded_are_exactly_those_of_the_last_renewal(rds):
-    keys = deliver(rds, "t1", "t2")
-    held = HeldLeases(rds, keys)
-    assert held.renew("h", ["t1", "t2"], ttl=LONG) == ["t1", "t2"]
-    assert held.renew("h", ["t2"], ttl=LONG) == ["t2"]
-    assert rds.smembers(held.held_key("h")) == {b"t2"}
-
-
-def test_holder_with_no_tags_left_is_no_holder(rds):
+def test_renew_held_skips_a_tag_taken_out_of_the_index(rds):
     keys = deliver(rds, "t1")
-    held = HeldLeases(rds, keys)
-    assert held.renew("h", ["t1"], ttl=SHORT) == ["t1"]
-    assert held.renew("h", [], ttl=SHORT) == []
-    time.sleep(SHORT * 2)
-    assert held.expired_holders() == []
-    assert held.claim_expired("h", "n") is None
+    rds.zrem(keys.index, "t1")  # restore_by_tag takes it out of the index first
+    assert HeldMessages(rds, keys).renew(["t1"]) == []
+    assert rds.zscore(keys.index, "t1") is None
 
 
-def test_live_holder_is_neither_listed_nor_claimed(rds):
-    held = HeldLeases(rds, deliver(rds, "t1"))
-    assert held.renew("h", ["t1"], ttl=LONG) == ["t1"]
-    assert held.expired_holders() == []
-    assert held.claim_expired("h", "n") is None
+def test_renew_of_nothing_is_no_round_trip(rds):
+    assert HeldMessages(rds).renew([]) == []
 
 
-def test_expired_holder_is_claimed_with_its_still_unacked_tags(rds):
-    keys = deliver(rds, "t1", "t2")
-    held = HeldLeases(rds, keys)
-    assert held.renew("h", ["t1", "t2"], ttl=SHORT) == ["t1", "t2"]
-    rds.hdel(keys.payloads, "t2")  # acknowledged just before the holder died
-    wait_for(lambda: held.expired_holders() == ["h"], timeout=30, what="the holder to expire")
-    assert held.claim_expired("h", "node-a") == ["t1"]
-    assert held.expired_holders() == []
-    assert rds.get(held.claimed_key("h")) == b"node-a"
-    held.forget("h")
-    assert not rds.exists(held.held_key("h"))
-    assert rds.zscore(held.holders_key, "h") is None
+def test_orphans_are_the_old_tags_of_our_queues_only(rds):
+    deliver(rds, "old-ours", routing_key="concurrent.proj.fetch")
+    deliver(rds, "old-plain", routing_key="celery")
+    deliver(rds, "new-ours", at=redis_now(rds), routing_key="concurrent.proj.fetch")
+    held = HeldMessages(rds)
+    assert held.orphans(["concurrent.proj.fetch"], older_than=LONG) == ["old-ours"]
+    assert held.orphans([], older_than=LONG) == []
+    assert sorted(held.orphans(["concurrent.proj.fetch", "celery"], older_than=LONG)) == [
+        "old-ours",
+        "old-plain",
+    ]
 
 
-def test_claimed_holder_is_refused_its_renewal(rds):
-    held = HeldLeases(rds, deliver(rds, "t1"))
-    assert held.renew("h", ["t1"], ttl=SHORT) == ["t1"]
-    wait_for(held.expired_holders, timeout=30, what="the holder to expire")
-    assert held.claim_expired("h", "node-a") == ["t1"]
-    assert held.renew("h", ["t1"], ttl=LONG) is None
-    # Another holder is unaffected.
-    assert held.renew("h2", ["t1"], ttl=LONG) == ["t1"]
-
-
-def test_expired_holder_that_renews_before_any_claim_keeps_its_tags(rds):
-    held = HeldLeases(rds, deliver(rds, "t1"))
-    assert held.renew("h", ["t1"], ttl=SHORT) == ["t1"]
-    wait_for(held.expired_holders, timeout=30, what="the holder to expire")
-    assert held.renew("h", ["t1"], ttl=LONG) == ["t1"]
-    assert held.claim_expired("h", "node-a") is None
-
-
-def test_lapsed_claim_passes_to_the_next_claimer_with_only_the_unrestored_tags(rds):
-    keys = deliver(rds, "t1", "t2")
-    held = HeldLeases(rds, keys)
-    assert held.renew("h", ["t1", "t2"], ttl=SHORT) == ["t1", "t2"]
-    wait_for(held.expired_holders, timeout=30, what="the holder to expire")
-    assert sorted(held.claim_expired("h", "node-a", claim_ttl=SHORT)) == ["t1", "t2"]
-    assert held.claim_expired("h", "node-b") is None
-    # node-a restored t1, then died before forgetting the holder.
-    rds.hdel(keys.payloads, "t1")
-    wait_for(held.expired_holders, timeout=30, what="node-a's claim to lapse")
-    assert held.claim_expired("h", "node-b") == ["t2"]
-
-
-def test_racing_claimers_claim_each_expired_holder_exactly_once(broker_url):
-    clients = [redis.Redis.from_url(broker_url) for _ in range(2)]
-    holders = [f"h{i}" for i in range(30)]
-    keys = deliver(clients[0], *(f"tag-{h}" for h in holders))
-    sides = [HeldLeases(client, keys) for client in clients]
-    for holder in holders:
-        assert sides[0].renew(holder, [f"tag-{holder}"], ttl=SHORT) == [f"tag-{holder}"]
+def test_a_renewed_tag_is_no_orphan_until_it_stops_being_renewed(rds):
+    keys = deliver(rds, "t1", routing_key="cq")
+    held = HeldMessages(rds, keys)
+    assert held.renew(["t1"]) == ["t1"]
+    assert held.orphans(["cq"], older_than=SHORT * 3) == []
     wait_for(
-        lambda: len(sides[0].expired_holders()) == len(holders),
+        lambda: held.orphans(["cq"], older_than=SHORT) == ["t1"],
         timeout=30,
-        what="every holder to expire",
+        what="the unrenewed tag to become an orphan",
     )
-    claims: list[tuple[str, str, list[str]]] = []
-    start = threading.Barrier(2)
-
-    def claimer(i: int) -> Callable[[], None]:
-        def run() -> None:
-            start.wait()
-            for holder in sides[i].expired_holders():
-                tags = sides[i].claim_expired(holder, f"node-{i}")
-                if tags is not None:
-                    claims.append((holder, f"node-{i}", tags))
-
-        return run
-
-    run_threads([claimer(0), claimer(1)])
-    assert sorted(holder for holder, _, _ in claims) == sorted(holders)
-    assert all(tags == [f"tag-{holder}"] for holder, _, tags in claims)
 
 
-def test_holder_name_is_the_container_node_and_pid():
-    assert holder_name(node(1), 4242) == f"{node(1)}:4242"
+def test_an_orphan_whose_payload_is_gone_or_unreadable_is_left_alone(rds):
+    keys = deliver(rds, "gone", "garbled", routing_key="cq")
+    rds.hdel(keys.payloads, "gone")
+    rds.hset(keys.payloads, "garbled", "not json")
+    assert HeldMessages(rds, keys).orphans(["cq"], older_than=LONG) == []
+
+
+def test_a_sweep_looks_at_most_at_its_scan_limit(rds):
+    deliver(rds, *(f"t{i}" for i in range(20)), routing_key="cq")
+    assert len(HeldMessages(rds).orphans(["cq"], older_than=LONG, limit=5)) == 5
 
 
 # -- with kombu's Redis transport ---------------------------------------------------------
@@ -458,9 +403,7 @@ def drain(channel, queue: Queue) -> list[dict]:
     return bodies
 
 
-def test_renewed_message_outlives_visibility_timeout_and_comes_back_once_its_holder_dies(
-    broker_url, rds
-):
+def test_renewed_message_outlives_visibility_timeout_and_comes_back_once_unrenewed(broker_url, rds):
     from celery import Celery
 
     from celery_concurrent.supervisor.redelivery import Redelivery
@@ -472,8 +415,7 @@ def test_renewed_message_outlives_visibility_timeout_and_comes_back_once_its_hol
         # The holder dies: its channel puts nothing back when it closes.
         channel.qos.restore_at_shutdown = False
         renewed, control = publish_and_fetch(conn, queue, {"n": "renewed"}, {"n": "control"})
-        held = HeldLeases.for_channel(rds, channel)
-        holder = holder_name("proj.fetch-1@host", 1)
+        held = HeldMessages.for_channel(channel)
         fetched = time.monotonic()
 
         # Renewed, it stays unacknowledged past visibility_timeout; the control does not.
@@ -484,7 +426,7 @@ def test_renewed_message_outlives_visibility_timeout_and_comes_back_once_its_hol
         while time.monotonic() < deadline and not (
             checked and time.monotonic() - fetched > VISIBILITY_TIMEOUT * 2
         ):
-            assert held.renew(holder, [renewed.delivery_tag], ttl=1.0) == [renewed.delivery_tag]
+            assert held.renew([renewed.delivery_tag]) == [renewed.delivery_tag]
             renewed_at = time.monotonic()
             channel.qos.restore_visible(interval=1)
             if time.monotonic() - renewed_at < VISIBILITY_TIMEOUT / 2:
@@ -500,26 +442,25 @@ def test_renewed_message_outlives_visibility_timeout_and_comes_back_once_its_hol
         assert drain(channel, queue) == [control.payload]
         assert rds.hexists(channel.unacked_key, renewed.delivery_tag)
 
-        # It stops renewing: its lease expires, one node claims it and restores it.
+        # It stops being renewed: a sweep finds it, and it is put back exactly once.
         wait_for(
-            lambda: held.expired_holders() == [holder], timeout=30, what="the holder to expire"
+            lambda: held.orphans([queue.routing_key], older_than=SHORT),
+            timeout=30,
+            what="the unrenewed message to become an orphan",
         )
-        claims = [held.claim_expired(holder, "celery@a"), held.claim_expired(holder, "celery@b")]
-        assert claims == [[renewed.delivery_tag], None]
+        (tag,) = held.orphans([queue.routing_key], older_than=SHORT)
+        assert tag == renewed.delivery_tag
         redelivery = Redelivery(Celery(broker=broker_url))
         try:
-            assert redelivery.restore(claims[0]) == 1
-            held.forget(holder)
-            # Nothing puts it back a second time.
-            assert redelivery.restore(claims[0]) == 0
+            # Two nodes sweep the same orphan: one puts it back.
+            assert [redelivery.restore([tag]), redelivery.restore([tag])] == [1, 0]
         finally:
             redelivery.close()
-        channel.qos.restore_visible(interval=1)
-        assert held.expired_holders() == []
+        assert held.orphans([queue.routing_key], older_than=SHORT) == []
         assert drain(channel, queue) == [renewed.payload]
 
 
-def test_held_leases_follow_kombus_global_keyprefix(broker_url, rds):
+def test_held_messages_follow_kombus_global_keyprefix(broker_url, rds):
     from celery import Celery
 
     from celery_concurrent.supervisor.redelivery import Redelivery
@@ -530,16 +471,19 @@ def test_held_leases_follow_kombus_global_keyprefix(broker_url, rds):
         channel = conn.default_channel
         channel.qos.restore_at_shutdown = False
         (message,) = publish_and_fetch(conn, queue, {"n": 1})
-        held = HeldLeases.for_channel(rds, channel)
+        held = HeldMessages.for_channel(channel)
         assert held.unacked == UnackedKeys("pfx:unacked_index", "pfx:unacked")
-        assert held.holders_key.startswith("pfx:celery-concurrent:")
 
         before = redis_now(rds)
-        assert held.renew("h", [message.delivery_tag], ttl=SHORT) == [message.delivery_tag]
+        assert held.renew([message.delivery_tag]) == [message.delivery_tag]
         assert rds.zscore("pfx:unacked_index", message.delivery_tag) >= before
 
-        wait_for(lambda: held.expired_holders() == ["h"], timeout=30, what="the holder to expire")
-        (tag,) = held.claim_expired("h", "celery@a") or []
+        wait_for(
+            lambda: held.orphans([queue.routing_key], older_than=SHORT),
+            timeout=30,
+            what="the message to become an orphan",
+        )
+        (tag,) = held.orphans([queue.routing_key], older_than=SHORT)
         app = Celery(broker=broker_url)
         app.conf.broker_transport_options = options
         redelivery = Redelivery(app)
@@ -548,6 +492,5 @@ def test_held_leases_follow_kombus_global_keyprefix(broker_url, rds):
             assert redelivery.restore([tag]) == 1
         finally:
             redelivery.close()
-        held.forget("h")
         assert rds.llen(f"pfx:{queue.name}") == 1
         assert drain(channel, queue) == [message.payload]

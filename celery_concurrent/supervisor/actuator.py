@@ -15,6 +15,7 @@ from celery.utils.log import get_logger
 
 from ..contract import RECYCLE_EXIT_CODE, LoadReport
 from ..spec import FunctionSpec
+from .cluster import ClusterScope, NodeScope
 from .devices import DeviceAllocator
 from .pool import Container, FunctionPool, describe_exit, lowest_free_ident
 
@@ -55,6 +56,9 @@ class Actuator:
         Seconds a retired container may take to drain before it is killed.
     ident_prefix:
         What starts the idents of this node's containers (see ``ident_prefix``).
+    scope:
+        Where the bounds hold (``cluster.NodeScope`` or ``cluster.ClusterScope``): a
+        start takes a lease first, an idle retirement releases one, an exit drops it.
     """
 
     def __init__(
@@ -65,7 +69,9 @@ class Actuator:
         redelivery: Redelivery,
         drain_timeout: float,
         ident_prefix: str = "",
+        scope: NodeScope | ClusterScope | None = None,
     ) -> None:
+        self.scope = scope or NodeScope()
         self.pools = pools
         self.devices = devices
         self.launching = launching
@@ -82,16 +88,20 @@ class Actuator:
         """Start and retire what ``decision`` says, and log the change of size."""
         before = pool.live
         for _ in range(decision.start):
-            if not self.start(pool, now):
+            if not self.start(pool, now, decision.cluster_desired):
                 break
         for ident in decision.retire:
+            keep = decision.cluster_desired or 0
+            if ident in decision.releases and not self.scope.release(pool, ident, keep):
+                continue  # another node's container went first: this one stays warm
             self.retire(pool, ident, "scale-down", now)
         if pool.live != before:
             event = pool.record_event(before, pool.live, decision.reason)
             logger.info("%s: %s", pool.spec.name, event.describe())
 
-    def start(self, pool: FunctionPool, now: float) -> bool:
-        """Start one container of ``pool``; ``False`` when it could not (devices, a crash)."""
+    def start(self, pool: FunctionPool, now: float, limit: int | None = None) -> bool:
+        """Start one container of ``pool``; ``False`` when it could not (devices, a
+        crash, or no lease under ``limit``: other nodes started enough)."""
         # Reuse free idents: a bounded set of container names, not a new one per start.
         ident = lowest_free_ident(self._by_ident, self.ident_prefix)
         env: dict[str, str] = {}
@@ -103,9 +113,13 @@ class Actuator:
         elif self.devices.devices:
             # A CPU function on a GPU node must not touch devices GPU containers hold.
             env = {"CUDA_VISIBLE_DEVICES": ""}
+        if not self.scope.admit(pool, ident, limit):
+            self.devices.release(ident)
+            return False
         try:
             process = self.launching.start(self.launching.launch(pool.spec, ident, env))
         except Exception as exc:  # noqa: BLE001 - reported, backed off, never fatal
+            self.scope.drop(pool, ident)
             self.devices.release(ident)
             delay = pool.record_crash(
                 Container(ident, _NoProcess(), now), f"cannot start a container: {exc}", now
@@ -190,6 +204,7 @@ class Actuator:
             pool.forget(container.ident)
             self._by_ident.pop(container.ident, None)
             self.devices.release(container.ident)
+            self.scope.drop(pool, container.ident)
             if not retired:
                 self._unretired_exit(pool, container, code, now)
             if code not in (0, RECYCLE_EXIT_CODE):  # a warm shutdown gave back what it held

@@ -11,6 +11,7 @@ from typing import Any
 from celery import bootsteps, signals
 from celery.utils.log import get_logger
 
+from ..coordination import configured_scope, lease_ttl
 from ..errors import UnknownFunctionError
 from ..registry import specs_of
 from .app_ref import app_reference
@@ -42,6 +43,7 @@ class SupervisorStep(bootsteps.StartStopStep):
         concurrent_max_containers: int | None = None,
         concurrent_poll_interval: float | None = None,
         concurrent_function: str | None = None,
+        concurrent_scope: str | None = None,
         gpus: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -50,6 +52,7 @@ class SupervisorStep(bootsteps.StartStopStep):
         self.max_containers = concurrent_max_containers
         self.poll_interval = concurrent_poll_interval
         self.gpus = gpus
+        self.scope = concurrent_scope
         self.supervisor: Supervisor | None = None
         worker.concurrent_supervisor = None
         super().__init__(worker, **kwargs)
@@ -81,16 +84,19 @@ class SupervisorStep(bootsteps.StartStopStep):
             preload=[app_ref.partition(":")[0], *hints],
             nodename=worker.hostname,
             gpus=gpus,
+            scope=configured_scope(worker.app, self.scope),
+            lease_ttl=lease_ttl(worker.app),
         )
         if self.poll_interval:
             settings.poll_interval = self.poll_interval
         self.supervisor = Supervisor.create(worker.app, served, settings)
         worker.concurrent_supervisor = self.supervisor
         logger.info(
-            "celery-concurrent: supervising %s (node bound: %s containers; GPUs: %s)",
+            "celery-concurrent: supervising %s (node bound: %s containers; GPUs: %s; scope: %s)",
             ", ".join(s.name for s in served),
             settings.node_max_containers,
             ", ".join(map(str, gpus)) or "none",
+            self.supervisor.scope.name,
         )
         return self
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..gpu import ANY, GpuRequest
+from ..spec import FunctionSpec
 from .gpus import GpuDevice
 
 #: set in every GPU container, so that the indices it is given mean what nvidia-smi means
@@ -118,6 +119,10 @@ class DeviceAllocator:
     def can_place(self, requests: Sequence[GpuRequest]) -> bool:
         """Whether the node could hold one container of these requests with every device free."""
         return place(requests, self.devices) is not None
+
+    def placeable(self, spec: FunctionSpec) -> bool:
+        """Whether the node could ever run a container of ``spec`` (any CPU function can)."""
+        return spec.gpu is None or self.can_place(spec.gpu)
 
     def capacity(self, requests: Sequence[GpuRequest]) -> int:
         """How many more containers of these requests the free devices can hold."""

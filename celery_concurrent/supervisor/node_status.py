@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from ..contract import container_nodename
 from ..status import FunctionStatus
 from .devices import DeviceAllocator
 from .pool import FunctionPool
 
+if TYPE_CHECKING:
+    from .cluster import ClusterScope, NodeScope
+
 
 def function_status(
-    pool: FunctionPool, hostname: str, devices: DeviceAllocator, placeable: bool
+    pool: FunctionPool,
+    hostname: str,
+    devices: DeviceAllocator,
+    placeable: bool,
+    scope: dict[str, Any] | None = None,
 ) -> FunctionStatus:
-    """The row ``concurrent status`` shows of ``pool`` on this node."""
+    """The row ``concurrent status`` shows of ``pool`` on this node; ``scope`` adds what
+    the node's scope knows (``ClusterScope.describe``)."""
     event = pool.last_event
     return FunctionStatus.of_spec(
         pool.spec,
@@ -35,7 +44,23 @@ def function_status(
         pids=sorted(c.process.pid or 0 for c in pool.containers.values()),
         gpu_devices=gpu_devices(pool, hostname, devices),
         placeable=placeable,
+        **(scope or {}),
     )
+
+
+def node_rows(
+    pools: Iterable[FunctionPool],
+    hostname: str,
+    devices: DeviceAllocator,
+    scope: NodeScope | ClusterScope,
+) -> list[dict[str, Any]]:
+    """This node's rows, one per function it serves (each a :class:`FunctionStatus` dict)."""
+    return [
+        function_status(
+            pool, hostname, devices, devices.placeable(pool.spec), scope.describe(pool)
+        ).as_dict()
+        for pool in pools
+    ]
 
 
 def gpu_devices(

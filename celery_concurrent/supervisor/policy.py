@@ -91,6 +91,9 @@ class Decision:
     #: no decision was taken (nothing observed to decide on): keep what runs
     held: bool = False
     cluster_desired: int | None = None
+    #: the idle ones among ``retire``: each goes only if its release keeps
+    #: ``cluster_desired`` over the cluster (another node may have retired one meanwhile)
+    releases: tuple[str, ...] = ()
 
     @property
     def changes(self) -> bool:
@@ -129,8 +132,8 @@ def decide(obs: Observation) -> Decision:
     start = min(desired - total, here - live)
     if start > 0:
         if obs.backing_off:
-            return Decision(here, reason=_joined(load, "backing off after a crash"),
-                            cluster_desired=desired)
+            why = "backing off after a crash"
+            return Decision(here, reason=_joined(load, why), cluster_desired=desired)
         why = _why_start(obs, demand, buffered_containers, desired, here)
         return Decision(here, start=start, reason=_joined(load, why), cluster_desired=desired)
     chosen = _retirable(obs, desired)
@@ -140,6 +143,7 @@ def decide(obs: Observation) -> Decision:
             retire=chosen.idents,
             reason=_joined(load, _why_retire(obs, chosen)),
             cluster_desired=desired,
+            releases=chosen.idle,
         )
     return Decision(here, reason=load, cluster_desired=desired)
 
@@ -173,8 +177,7 @@ def _why_retire(obs: Observation, chosen: Retirement) -> str:
     if chosen.over_bound:
         upper = upper_bound(obs.spec, obs.node_capacity)
         cluster_over = (
-            obs.spec.max_containers is not None
-            and len(obs.everywhere) > obs.spec.max_containers
+            obs.spec.max_containers is not None and len(obs.everywhere) > obs.spec.max_containers
         )
         if cluster_over:
             notes.append(f"above max_containers {obs.spec.max_containers}")

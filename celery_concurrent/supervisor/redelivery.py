@@ -8,17 +8,23 @@ A container's load reports carry the delivery tags it holds, so when one dies th
 supervisor restores exactly those, with kombu's own ``restore_by_tag``: a WATCH/MULTI
 transaction that is a no-op for a tag already acknowledged or restored. AMQP brokers
 requeue a dead consumer's messages by themselves.
+
+In cluster scope the supervisor also sweeps (:meth:`Redelivery.sweep`): the inputs of a
+node that died whole, which no supervisor saw die, are found by their unrenewed
+``unacked_index`` scores (``held_messages``) and given back the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from celery import Celery
 from celery.utils.log import get_logger
 from kombu.exceptions import OperationalError
+from redis import RedisError
 
 from ..brokers import is_redis
+from ..held_messages import HeldMessages
 from .broker import OwnChannel
 
 logger = get_logger(__name__)
@@ -30,6 +36,7 @@ class Redelivery(OwnChannel):
     def __init__(self, app: Celery) -> None:
         super().__init__(app)
         self._needed: bool | None = None
+        self._held: HeldMessages | None = None
 
     @property
     def needed(self) -> bool:
@@ -62,7 +69,28 @@ class Redelivery(OwnChannel):
             return None
         return sum(payload is not None for payload in waiting)
 
+    def sweep(self, routing_keys: Iterable[str], older_than: float) -> int | None:
+        """Give back the inputs on ``routing_keys`` that no container renewed for
+        ``older_than`` seconds: their containers are gone with their node.
+
+        Returns how many went back, or ``None`` when the broker cannot be reached.
+        """
+        if not self.needed:
+            return 0
+        try:
+            if self._held is None:
+                self._held = HeldMessages.for_channel(self._ensure_channel())
+            tags = self._held.orphans(routing_keys, older_than)
+        except self._connection_errors:
+            self.close()
+            return None
+        return self.restore(tags) if tags else 0
+
+    def close(self) -> None:
+        self._held = None
+        super().close()
+
     @property
     def _connection_errors(self) -> tuple[type[BaseException], ...]:
         conn = self._conn or self.app.connection_for_read()
-        return (OperationalError, *conn.connection_errors, ConnectionError, OSError)
+        return (OperationalError, *conn.connection_errors, RedisError, ConnectionError, OSError)

@@ -28,16 +28,21 @@ from ..constants import (
     CONTAINERS_PER_CPU,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_POLL_INTERVAL,
+    DEFAULT_SCOPE,
     MEMORY_PER_CONTAINER,
 )
+from ..coordination import URL_SETTING, coordination_store
 from ..gpu import describe_requests
+from ..leases import DEFAULT_TTL_S
+from ..routing import declare_queue
 from ..spec import FunctionSpec
 from .actuator import Actuator, Launching
+from .cluster import ClusterScope, NodeScope
 from .devices import DeviceAllocator
 from .gpus import GpuDevice
 from .inbox import ReportInbox
 from .launcher import ContainerLaunch, Launcher
-from .node_status import function_status, node_stats
+from .node_status import node_rows, node_stats
 from .policy import FunctionLoad, Observation, decide, device_capacity, node_share
 from .pool import FunctionPool
 from .probes import BacklogProbe
@@ -73,6 +78,10 @@ class SupervisorSettings:
     nodename: str = ""
     #: the node's GPUs, detected or from ``--gpus``
     gpus: tuple[GpuDevice, ...] = ()
+    #: where the bounds hold: ``cluster`` (over every node) or ``node``
+    scope: str = DEFAULT_SCOPE
+    #: seconds a container's lease lives unless renewed (cluster scope)
+    lease_ttl: float = DEFAULT_TTL_S
 
     def launch(
         self, spec: FunctionSpec, ident: str, env: dict[str, str], inbox: ReportInbox, revokes: str
@@ -109,6 +118,8 @@ class Supervisor:
         Where the containers' reports arrive (:class:`ReportInbox`).
     revokes:
         Serves the node's revokes to starting containers (none in tests).
+    scope:
+        Where the bounds hold (:class:`NodeScope` unless given).
     """
 
     def __init__(
@@ -121,8 +132,10 @@ class Supervisor:
         redelivery: Redelivery,
         inbox: ReportInbox,
         revokes: RevokeServer | None = None,
+        scope: NodeScope | ClusterScope | None = None,
     ) -> None:
         self.settings = settings
+        self.scope = scope or NodeScope()
         self.pools: dict[str, FunctionPool] = {s.name: FunctionPool(s) for s in specs}
         self.devices = DeviceAllocator(settings.gpus)
         self.launcher = launcher
@@ -141,10 +154,9 @@ class Supervisor:
             redelivery,
             settings.drain_timeout,
             ident_prefix(settings.nodename),
+            self.scope,
         )
-        for pool in self.pools.values():
-            if pool.spec.gpu is not None and not self.placeable(pool.spec):
-                _warn_unplaceable(pool.spec)
+        _warn_unplaceable([p.spec for p in self.pools.values()], self.devices)
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._draining = threading.Event()
@@ -158,15 +170,18 @@ class Supervisor:
         cls, app: Celery, specs: Iterable[FunctionSpec], settings: SupervisorSettings
     ) -> Supervisor:
         """A supervisor of ``app``'s functions with the real collaborators."""
+        specs = list(specs)
         inbox = ReportInbox()
+        redelivery = Redelivery(app)
         return cls(
             specs,
             settings,
             launcher=Launcher(settings.preload),
             probe=BacklogProbe(app),
-            redelivery=Redelivery(app),
+            redelivery=redelivery,
             inbox=inbox,
             revokes=RevokeServer(inbox.path("revokes.sock")),
+            scope=make_scope(app, specs, settings, redelivery),
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -221,6 +236,7 @@ class Supervisor:
                 time.sleep(0.02)
         self.probe.close()
         self.redelivery.close()
+        self.scope.close()
         if self.revokes is not None:
             self.revokes.close()
         self.inbox.close()
@@ -280,28 +296,29 @@ class Supervisor:
                 continue  # unreadable or unplaceable: keep what runs
             self.actuator.apply(pool, decision, now)
             pool.record_healthy(now)
+        for pool, ident, why in self.scope.maintain(self.pools, now):
+            logger.warning("%s: draining container %s: %s", pool.spec.name, ident, why)
+            self.actuator.retire(pool, ident, why, now)
         self.actuator.force_overdue_drains(now)
 
     def observe(self, pool: FunctionPool, backlog: int | None, now: float) -> Observation:
         """What the policy sees of ``pool`` now, the node's share and devices included."""
         loads = {
-            name: FunctionLoad(p.live, p.backlog, self.placeable(p.spec))
+            name: FunctionLoad(p.live, p.backlog, self.devices.placeable(p.spec))
             for name, p in self.pools.items()
         }
         share = node_share(self.settings.node_max_containers, pool.spec.name, loads)
         free_slots = None if pool.spec.gpu is None else self.devices.capacity(pool.spec.gpu)
+        elsewhere = self.scope.elsewhere(pool) if backlog is not None else ()
         return Observation(
-            pool.spec,
-            backlog,
+            self.scope.bounds(pool.spec),
+            None if elsewhere is None else backlog,  # Redis cannot say: keep what runs
             pool.states(now),
             node_capacity=device_capacity(share, pool.live, free_slots),
-            placeable=self.placeable(pool.spec),
+            placeable=self.devices.placeable(pool.spec),
             backing_off=pool.backing_off(now),
+            elsewhere=elsewhere or (),
         )
-
-    def placeable(self, spec: FunctionSpec) -> bool:
-        """Whether this node could ever run a container of ``spec`` (any CPU function can)."""
-        return spec.gpu is None or self.devices.can_place(spec.gpu)
 
     def _read_reports(self) -> None:
         self.actuator.receive(self.inbox.receive(), time.monotonic())
@@ -323,12 +340,7 @@ class Supervisor:
     def status(self) -> list[dict[str, Any]]:
         """One row per function (a :class:`FunctionStatus` as a dict)."""
         with self._lock:
-            return [
-                function_status(
-                    pool, self.settings.hostname, self.devices, self.placeable(pool.spec)
-                ).as_dict()
-                for pool in self.pools.values()
-            ]
+            return node_rows(self.pools.values(), self.settings.hostname, self.devices, self.scope)
 
     def stats(self) -> dict[str, Any]:
         """The ``concurrent`` section of the node's ``inspect stats`` reply."""
@@ -343,13 +355,46 @@ class Supervisor:
         )
 
 
-def _warn_unplaceable(spec: FunctionSpec) -> None:
-    logger.warning(
-        "%s: this node cannot place %s; its inputs wait in %s for a node that can",
-        spec.name,
-        describe_requests(spec.gpu or ()),
-        spec.queue,
+def make_scope(
+    app: Celery, specs: list[FunctionSpec], settings: SupervisorSettings, redelivery: Redelivery
+) -> NodeScope | ClusterScope:
+    """The node's scope: cluster-wide bounds wherever a coordination Redis is at hand."""
+    if settings.scope == "node":
+        return NodeScope()
+    store = coordination_store(app)
+    if store is None:
+        logger.warning(
+            "celery-concurrent: no Redis to hold the bounds over the cluster (the broker "
+            "is not Redis, nor is the result backend): max_containers and min_containers "
+            "hold on each node alone. Set %s to a Redis URL to hold them cluster-wide.",
+            URL_SETTING,
+        )
+        return NodeScope()
+    routing_keys = []
+    for spec in specs:
+        declare_queue(app, spec.queue)
+        routing_keys.append(app.amqp.queues[spec.queue].routing_key or spec.queue)
+    logger.info("celery-concurrent: bounds hold over the cluster (leases in %s)", store.source)
+    return ClusterScope(
+        store.client(),
+        store.prefix,
+        settings.nodename or f"celery@{settings.hostname}",
+        settings.hostname,
+        sweep=redelivery.sweep,
+        routing_keys=routing_keys,
+        ttl=settings.lease_ttl,
     )
+
+
+def _warn_unplaceable(specs: Iterable[FunctionSpec], devices: DeviceAllocator) -> None:
+    for spec in specs:
+        if spec.gpu is not None and not devices.placeable(spec):
+            logger.warning(
+                "%s: this node cannot place %s; its inputs wait in %s for a node that can",
+                spec.name,
+                describe_requests(spec.gpu),
+                spec.queue,
+            )
 
 
 def cold_shutdown_requested() -> bool:

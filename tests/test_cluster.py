@@ -1,0 +1,170 @@
+"""Cluster mode: the bounds hold over every node, and a lost node's inputs come back.
+
+Three real nodes (``celery worker -n nK@%h``) on one private Redis. Every count is read
+from the processes or from what the inputs themselves recorded; every wait is on a
+condition, with margins that hold on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+import redis
+
+from celery_concurrent.leases import DEFAULT_TTL_S, ContainerLeases
+
+from .support import Workers, containers_of, wait_for
+
+APP = "tests.apps.cluster"
+NODES = 3
+
+
+def live_containers(nodes: list[subprocess.Popen[bytes]]) -> dict[int, int]:
+    """Each node's live containers (draining ones too), by node pid."""
+    counts = {}
+    for node in nodes:
+        alive = [c for c in containers_of(node.pid) if c.status() != psutil.STATUS_ZOMBIE]
+        counts[node.pid] = len(alive)
+    return counts
+
+
+class Cluster:
+    def __init__(self, workers: Workers, rds: redis.Redis) -> None:
+        self.workers = workers
+        self.rds = rds
+        self.nodes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, functions: str, count: int = NODES, env: dict[str, str] | None = None):
+        for _ in range(count):
+            n = len(self.nodes) + 1
+            self.nodes.append(
+                self.workers.start(
+                    APP,
+                    "-n",
+                    f"n{n}@%h",
+                    "-c",
+                    "1",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "--concurrent-functions",
+                    functions,
+                    env=env,
+                )
+            )
+        return self.nodes
+
+    def containers(self) -> int:
+        return sum(live_containers(self.nodes).values())
+
+    def kill_node(self, node: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the node's whole process tree at once: a machine lost."""
+        tree = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+        for proc in tree:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        node.wait(10)
+        self.nodes.remove(node)
+
+    def holder_of(self, function: str) -> subprocess.Popen[bytes]:
+        """The node whose containers run ``function`` now (the first one found)."""
+        for node in self.nodes:
+            if live_containers([node])[node.pid]:
+                return node
+        raise AssertionError(f"no node runs a container of {function}")
+
+    def completed(self) -> set[str]:
+        return {m.decode() for m in self.rds.smembers("completed")}
+
+    def runs(self, ids: list[str]) -> dict[str, int]:
+        values = self.rds.mget([f"runs:{i}" for i in ids])
+        return {i: int(v or 0) for i, v in zip(ids, values, strict=True)}
+
+
+@pytest.fixture
+def cluster(workers: Workers, rds: redis.Redis) -> Iterator[Cluster]:
+    from .apps import cluster
+
+    cluster.app.conf.broker_url = cluster.app.conf.result_backend = workers.broker_url
+    yield Cluster(workers, rds)
+
+
+def test_keep_warm_is_one_container_over_three_nodes_and_again_after_its_node_dies(cluster):
+    cluster.start("tests.apps.cluster.warm")
+    wait_for(lambda: cluster.containers() == 1, timeout=60, what="one warm container")
+    leases = ContainerLeases(cluster.rds, "tests.apps.cluster.warm")
+    # At rest it stays one: the other nodes see its lease and start none.
+    settle = time.monotonic() + 3
+    while time.monotonic() < settle:
+        assert cluster.containers() == 1
+        time.sleep(0.2)
+    assert leases.count() == 1
+
+    cluster.kill_node(cluster.holder_of("warm"))
+    # Its lease lapses within a TTL; one of the two others starts the warm container.
+    wait_for(
+        lambda: cluster.containers() == 1 and leases.count() == 1,
+        timeout=DEFAULT_TTL_S + 60,
+        what="a warm container on another node",
+    )
+    settle = time.monotonic() + 3
+    while time.monotonic() < settle:
+        assert cluster.containers() <= 1
+        time.sleep(0.2)
+    assert cluster.containers() == 1
+
+
+def test_a_burst_never_runs_more_than_the_limit_over_three_nodes_and_uses_all_of_it(cluster):
+    from .apps import cluster as app_module
+
+    cluster.start("tests.apps.cluster.limited")
+    ids = [app_module.limited.delay(1.0).id for _ in range(36)]
+    wait_for(
+        lambda: cluster.completed() >= set(ids),
+        timeout=180,
+        what="every input of the burst to complete",
+    )
+    # Measured by the inputs: at no moment did more than 3 containers run inputs.
+    assert int(cluster.rds.get("peak") or 0) == 3
+    assert cluster.rds.scard("pids") >= 3
+    assert set(cluster.runs(ids).values()) == {1}
+    # The containers are spread over whichever nodes won the leases, 3 at most in all.
+    assert cluster.containers() <= 3
+
+
+def test_a_lost_nodes_inputs_complete_within_a_minute(cluster):
+    from .apps import cluster as app_module
+
+    cluster.start("tests.apps.cluster.limited")
+    ids = [app_module.limited.delay(3.0).id for _ in range(24)]
+    wait_for(
+        lambda: int(cluster.rds.get("peak") or 0) >= 2,
+        timeout=60,
+        what="the burst to run on several containers",
+    )
+    victim = cluster.holder_of("limited")
+    dead = [c.pid for c in containers_of(victim.pid)]
+    cluster.kill_node(victim)
+    killed_at = time.monotonic()
+    # Its inputs died running: they no longer count as running (nothing replaces them
+    # before their leases lapse, a TTL from now).
+    assert int(cluster.rds.get("peak") or 0) <= 3
+    cluster.rds.hdel("active", *dead)
+    cluster.rds.set("peak", 0)
+    # visibility_timeout is kombu's default (an hour): the sweep gives them back.
+    wait_for(
+        lambda: cluster.completed() >= set(ids),
+        timeout=120,
+        what="every input, those of the lost node too, to complete",
+    )
+    assert time.monotonic() - killed_at < 60 + 30  # the promise, plus a loaded machine
+    runs = cluster.runs(ids)
+    assert min(runs.values()) >= 1
+    assert int(cluster.rds.get("peak") or 0) <= 3  # the bound held after the loss too
