@@ -7,7 +7,6 @@ condition, with margins that hold on a loaded machine.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
