@@ -39,36 +39,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import json
 import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import redis
-
-from benchmarks.bench_overhead import python_path, spread
-from benchmarks.bench_reaction import JITTER_SECONDS, wait_until
 from benchmarks.common import (
+    JITTER_SECONDS,
     FirstMoment,
-    environment,
     reset_tally,
-    run_main,
+    spread,
     wait_for_tally,
+    wait_until,
 )
-from celery_concurrent import spec_of
-from tests.support import RedisServer, Workers, burst, containers_of, publish_template
+from benchmarks.scenario import APP, Bench, options, rotations, run_main, worker_command
+from devkit.bursts import burst, publish_template
+from devkit.processes import containers_of
 
-APP = "benchmarks.apps"
 OURS = f"{APP}.burst_ours"
 PLAIN = f"{APP}.burst_plain"
-RESULTS = Path(__file__).resolve().parent / "results" / "burst.json"
 TARGET_EFFICIENCY = 0.9
 QUIET = ("-l", "WARNING", "--without-gossip", "--without-mingle")
 
@@ -87,7 +79,7 @@ class Side:
 
     @property
     def command(self) -> str:
-        return " ".join(("celery -A", APP, "worker", *self.worker_args))
+        return worker_command(self.worker_args)
 
     @property
     def template(self) -> str:
@@ -111,26 +103,35 @@ class Run:
     full_scale_s: float | None = None
 
 
-def sides(app: Any, inputs: int, prefork_inputs: int) -> list[Side]:
-    spec = spec_of(app.tasks[OURS])
-    assert spec is not None and spec.max_containers is not None
+def sides(bench: Bench, inputs: int, prefork_inputs: int) -> list[Side]:
+    spec = bench.spec(OURS)
+    assert spec.max_containers is not None
     args = ("-c", "1", "--concurrent-functions", OURS, *QUIET)
     slots = spec.max_inputs * spec.max_containers
     ours = Side("ours", OURS, spec.queue, args, inputs, slots, spec.max_containers)
     plain = [("threads", 400, inputs), ("gevent", 400, inputs), ("prefork", 2, prefork_inputs)]
-    return [ours] + [plain_side(name, c, n) for name, c, n in plain]
+    return [ours] + [plain_side(bench, name, c, n) for name, c, n in plain]
 
 
-def plain_side(pool: str, concurrency: int, inputs: int) -> Side:
+def plain_side(bench: Bench, pool: str, concurrency: int, inputs: int) -> Side:
     """A plain worker of the pool; each has a queue of its own, as they all run at once."""
-    queue = f"{importlib.import_module(APP).BURST_QUEUE}.{pool}"
+    queue = f"{bench.apps.BURST_QUEUE}.{pool}"
     args = ("-P", pool, "-c", str(concurrency), "-Q", queue, "--without-concurrent", *QUIET)
     return Side(pool, PLAIN, queue, args, inputs, concurrency)
 
 
+def schedule(sides: list[Side], rounds: int, prefork_rounds: int) -> list[tuple[int, Side]]:
+    """Round -1 warms every side up (thread pools, gevent, the fork server) and is not
+    counted; prefork, slow, runs last."""
+    rotating = [side for side in sides if side.name != "prefork"]
+    prefork = [side for side in sides if side.name == "prefork"]
+    return rotations(rotating, rounds, warm_up=True) + rotations(prefork, prefork_rounds)
+
+
 def measure(
-    side: Side, proc: Any, rds: redis.Redis, round_no: int, pause: float, timeout: float
+    bench: Bench, side: Side, proc: Any, round_no: int, pause: float, timeout: float
 ) -> Run:
+    rds = bench.rds
     if side.name == "ours":
         # Each burst finds no container: the last run's have retired (scaledown_window 1 s).
         wait_until(lambda: not containers_of(proc.pid), timeout, "ours: cold", proc)
@@ -144,8 +145,7 @@ def measure(
         try:
             tally = wait_for_tally(rds, side.key, side.inputs, timeout, alive=proc)
         except (TimeoutError, RuntimeError) as exc:
-            log = proc.log_path.read_text()[-3000:]
-            raise RuntimeError(f"{side.name}: {exc}\n{log}") from exc
+            raise RuntimeError(f"{side.name}: {exc}\n{bench.workers.tail(proc)}") from exc
     return Run(
         side.name,
         round_no,
@@ -155,6 +155,28 @@ def measure(
         os.getloadavg()[0],
         None if full.at is None else full.at - began,
     )
+
+
+def run_rounds(bench: Bench, all_sides: list[Side], args: argparse.Namespace) -> list[Run]:
+    for side in all_sides:
+        arguments = (side.key, side.inputs, args.seconds)
+        publish_template(bench.app, bench.rds, side.task, arguments, side.inputs, side.template)
+    procs = {side.name: bench.start(*side.worker_args) for side in all_sides}
+    jitter = random.Random(args.seed)
+    runs: list[Run] = []
+    for round_no, side in schedule(all_sides, args.rounds, args.prefork_rounds):
+        pause = jitter.uniform(0, JITTER_SECONDS)
+        run = measure(bench, side, procs[side.name], round_no, pause, args.timeout)
+        if round_no < 0:
+            continue
+        runs.append(run)
+        print(
+            f"round {round_no + 1} {side.name:8} {run.inputs:5} inputs: wall "
+            f"{run.wall_s:6.2f} s, first input after {run.first_start_s:.3f} s "
+            f"(load {run.load_1m:.2f})",
+            flush=True,
+        )
+    return runs
 
 
 def ideal_seconds(inputs: int, slots: int, seconds: float, cold_start: float) -> float:
@@ -186,83 +208,15 @@ def summarize(runs: list[Run], side: Side, inputs: int, seconds: float) -> dict[
     return numbers
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--inputs", type=int, default=2000)
-    parser.add_argument("--seconds", type=float, default=0.5, help="each input's sleep")
-    parser.add_argument("--rounds", type=int, default=5, help="runs of each side")
-    parser.add_argument("--prefork-inputs", type=int, default=40)
-    parser.add_argument("--prefork-rounds", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per run, at most")
-    parser.add_argument("--seed", type=int, default=0, help="of the pauses before bursts")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    extra_args = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(extra_args)
-
-    load_before = os.getloadavg()
-    began = time.monotonic()
-    jitter = random.Random(args.seed)
-    runs: list[Run] = []
-    server = RedisServer()
-    try:
-        server.start()
-        # The app reads its broker when imported, so point it at the private Redis first.
-        os.environ["CELERY_BROKER_URL"] = server.url
-        app = importlib.import_module(APP).app
-        spec = spec_of(app.tasks[OURS])
-        assert spec is not None
-        rds = redis.Redis.from_url(server.url)
-        all_sides = sides(app, args.inputs, args.prefork_inputs)
-        for side in all_sides:
-            publish_template(
-                app,
-                rds,
-                side.task,
-                (side.key, side.inputs, args.seconds),
-                side.inputs,
-                side.template,
-            )
-        with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
-            workers = Workers(server.url, Path(logdir))
-            try:
-                procs = {
-                    s.name: workers.start(APP, *s.worker_args, wait_ready=False) for s in all_sides
-                }
-                rotating = [s for s in all_sides if s.name != "prefork"]
-                prefork = [s for s in all_sides if s.name == "prefork"]
-                # Round -1 warms every side up (thread pools, gevent, the fork server)
-                # and is not counted; prefork, slow, runs last.
-                schedule = [
-                    (round_no, side)
-                    for round_no in range(-1, args.rounds)
-                    for side in rotating[round_no % len(rotating) :]
-                    + rotating[: round_no % len(rotating)]
-                ]
-                schedule += [
-                    (round_no, side) for round_no in range(args.prefork_rounds) for side in prefork
-                ]
-                for round_no, side in schedule:
-                    pause = jitter.uniform(0, JITTER_SECONDS)
-                    run = measure(side, procs[side.name], rds, round_no, pause, args.timeout)
-                    if round_no < 0:
-                        continue
-                    runs.append(run)
-                    print(
-                        f"round {round_no + 1} {side.name:8} {run.inputs:5} inputs: wall "
-                        f"{run.wall_s:6.2f} s, first input after {run.first_start_s:.3f} s "
-                        f"(load {run.load_1m:.2f})",
-                        flush=True,
-                    )
-            finally:
-                workers.stop_all()
-    finally:
-        server.stop()
-    elapsed = time.monotonic() - began
-
+def results_of(runs: list[Run], all_sides: list[Side], args: argparse.Namespace) -> dict[str, Any]:
     results = {side.name: summarize(runs, side, args.inputs, args.seconds) for side in all_sides}
     ours = results["ours"]
     for numbers in results.values():
         numbers["speedup_of_ours"] = numbers["wall_s"]["median"] / ours["wall_s"]["median"]
+    return results
+
+
+def print_summary(all_sides: list[Side], results: dict[str, Any], seconds: float) -> None:
     print()
     header = f"{'side':8} {'wall s':>8} {'min':>7} {'max':>7} {'speed-up':>9} {'efficiency':>11}"
     print(f"{header}  command")
@@ -275,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{numbers['speedup_of_ours']:8.2f}x {numbers['efficiency']['median']:11.3f}  "
             f"{side.command}{note}"
         )
+    ours = results["ours"]
     efficiency = ours["efficiency"]
     verdict = "meets" if efficiency["median"] >= TARGET_EFFICIENCY else "misses"
     print(
@@ -289,42 +244,54 @@ def main(argv: list[str] | None = None) -> int:
             f"ours: all {all_sides[0].containers} containers forked {full['median']:.3f} s "
             f"after the burst (min {full['min']:.3f}, max {full['max']:.3f}; "
             f"{ours['full_scale_runs']} runs), {ours['full_scale_per_input_time']:.2f} of one "
-            f"input's {args.seconds:g} s"
+            f"input's {seconds:g} s"
         )
-    print(f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}")
 
-    report = {
-        "benchmark": "burst",
-        "command": " ".join([python_path(), "-m", "benchmarks.bench_burst", *extra_args]),
-        "parameters": {
-            "inputs": args.inputs,
-            "seconds_per_input": args.seconds,
-            "rounds_per_side": args.rounds,
-            "prefork_inputs": args.prefork_inputs,
-            "prefork_rounds": args.prefork_rounds,
-            "ours_function": spec.as_dict(),
-            "burst": "all inputs put in the queue at once (Redis COPY of a published list)",
-            "wall": "from the burst to the last input finishing",
-            "ideal": "ceil(inputs / (max_inputs x max_containers)) x seconds + the run's "
-            "cold start (burst to first input start)",
-            "prefork_wall": "inputs / (prefork_inputs / measured wall), when fewer inputs ran",
-            "full_scale": "from the burst to max_containers container processes of ours "
-            "(the fork server's children, read every 5 ms); per input time: that over "
-            "seconds_per_input",
-        },
-        "workers": {side.name: side.command for side in all_sides},
-        "results": {
-            **results,
-            "efficiency": ours["efficiency"]["median"],
-            "target_efficiency": TARGET_EFFICIENCY,
-            "meets_target": ours["efficiency"]["median"] >= TARGET_EFFICIENCY,
-        },
-        "runs": [asdict(run) for run in runs],
-        "environment": environment(load_before, os.getloadavg(), elapsed),
+
+def parameters(args: argparse.Namespace, spec: Any) -> dict[str, Any]:
+    return {
+        "inputs": args.inputs,
+        "seconds_per_input": args.seconds,
+        "rounds_per_side": args.rounds,
+        "prefork_inputs": args.prefork_inputs,
+        "prefork_rounds": args.prefork_rounds,
+        "ours_function": spec.as_dict(),
+        "burst": "all inputs put in the queue at once (Redis COPY of a published list)",
+        "wall": "from the burst to the last input finishing",
+        "ideal": "ceil(inputs / (max_inputs x max_containers)) x seconds + the run's "
+        "cold start (burst to first input start)",
+        "prefork_wall": "inputs / (prefork_inputs / measured wall), when fewer inputs ran",
+        "full_scale": "from the burst to max_containers container processes of ours "
+        "(the fork server's children, read every 5 ms); per input time: that over "
+        "seconds_per_input",
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = options("burst", __doc__)
+    parser.add_argument("--inputs", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=0.5, help="each input's sleep")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each side")
+    parser.add_argument("--prefork-inputs", type=int, default=40)
+    parser.add_argument("--prefork-rounds", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per run, at most")
+    parser.add_argument("--seed", type=int, default=0, help="of the pauses before bursts")
+    bench = Bench("burst", parser, argv)
+    args = bench.args
+    with bench:
+        spec = bench.spec(OURS)
+        all_sides = sides(bench, args.inputs, args.prefork_inputs)
+        runs = run_rounds(bench, all_sides, args)
+    results = results_of(runs, all_sides, args)
+    print_summary(all_sides, results, args.seconds)
+    efficiency = results["ours"]["efficiency"]["median"]
+    results |= {
+        "efficiency": efficiency,
+        "target_efficiency": TARGET_EFFICIENCY,
+        "meets_target": efficiency >= TARGET_EFFICIENCY,
+    }
+    workers = {side.name: side.command for side in all_sides}
+    bench.write(parameters(args, spec), workers, results, runs=[asdict(run) for run in runs])
     return 0
 
 

@@ -36,36 +36,27 @@ the two CPUs while they run: their ``wall_s`` is the worker's intake alone.
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import redis
-
-from benchmarks.bench_overhead import python_path, spread
-from benchmarks.bench_reaction import wait_until
 from benchmarks.common import (
     ProcessSampler,
-    environment,
     publish,
     reset_tally,
-    run_main,
+    spread,
     wait_for_tally,
+    wait_until,
 )
-from celery_concurrent import spec_of
-from tests.support import RedisServer, Workers, burst, containers_of, publish_template
+from benchmarks.scenario import APP, Bench, options, run_main, worker_command
+from devkit.bursts import burst, publish_template
+from devkit.processes import containers_of
 
-APP = "benchmarks.apps"
 OURS = f"{APP}.density_ours"
 BLOCKING = f"{APP}.density_blocking"
 NOOP = f"{APP}.density_noop"
-RESULTS = Path(__file__).resolve().parent / "results" / "density.json"
 TARGET_WALL_S = 3.0
 TARGET_THREADS = 20
 TARGET_RSS_MB = 300.0
@@ -104,8 +95,9 @@ class Run:
     load_1m: float
 
 
-def worker_args(app: Any) -> dict[str, tuple[str, ...]]:
-    queue = importlib.import_module(APP).DENSITY_QUEUE
+def worker_args(bench: Bench) -> dict[str, tuple[str, ...]]:
+    """The three workers: the node (ours, twice), and two plain ones."""
+    queue = bench.apps.DENSITY_QUEUE
     plain = ("--without-concurrent", *QUIET)
     return {
         "node": ("-c", "1", "--concurrent-functions", OURS, *QUIET),
@@ -114,10 +106,9 @@ def worker_args(app: Any) -> dict[str, tuple[str, ...]]:
     }
 
 
-def sides(app: Any) -> list[Side]:
-    spec = spec_of(app.tasks[OURS])
-    assert spec is not None
-    queue = importlib.import_module(APP).DENSITY_QUEUE
+def sides(bench: Bench) -> list[Side]:
+    spec = bench.spec(OURS)
+    queue = bench.apps.DENSITY_QUEUE
     return [
         Side("ours", OURS, spec.queue, "node", preloaded=False, seconds=1.0),
         Side("ours, pre-loaded", OURS, spec.queue, "node", preloaded=True, seconds=1.0),
@@ -134,21 +125,20 @@ def measured_pid(side: Side, proc: Any, timeout: float) -> int:
     return int(containers_of(proc.pid)[0].pid)
 
 
-def measure(
-    app: Any, rds: redis.Redis, side: Side, proc: Any, total: int, round_no: int, timeout: float
-) -> Run:
+def measure(bench: Bench, side: Side, proc: Any, total: int, round_no: int, timeout: float) -> Run:
+    rds = bench.rds
     reset_tally(rds, side.key)
     with ProcessSampler(measured_pid(side, proc, timeout)) as sampler:
         if side.preloaded:
             began = published = burst(rds, side.template, side.queue)
         else:
             began = time.time()
-            publish(app, side.task, (side.key, total, side.seconds), total, side.queue)
+            publish(bench.app, side.task, (side.key, total, side.seconds), total, side.queue)
             published = time.time()
         try:
             tally = wait_for_tally(rds, side.key, total, timeout, alive=proc)
         except (TimeoutError, RuntimeError) as exc:
-            raise RuntimeError(f"{side.name}: {exc}\n{proc.log_path.read_text()[-3000:]}") from exc
+            raise RuntimeError(f"{side.name}: {exc}\n{bench.workers.tail(proc)}") from exc
     return Run(
         side.name,
         round_no,
@@ -161,13 +151,13 @@ def measure(
     )
 
 
-def warm_up(app: Any, rds: redis.Redis, side: Side, proc: Any, timeout: float) -> None:
+def warm_up(bench: Bench, side: Side, proc: Any, timeout: float) -> None:
     """A few short inputs, so that a run never waits for a worker to start."""
     key = f"{side.key}:warm-up"
-    reset_tally(rds, key)
+    reset_tally(bench.rds, key)
     args = (key, WARM_UP_INPUTS, min(side.seconds, 0.01))
-    publish(app, side.task, args, WARM_UP_INPUTS, side.queue)
-    wait_for_tally(rds, key, WARM_UP_INPUTS, timeout, alive=proc)
+    publish(bench.app, side.task, args, WARM_UP_INPUTS, side.queue)
+    wait_for_tally(bench.rds, key, WARM_UP_INPUTS, timeout, alive=proc)
 
 
 def summarize(runs: list[Run], name: str) -> dict[str, Any]:
@@ -182,85 +172,50 @@ def summarize(runs: list[Run], name: str) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--inputs", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=3, help="runs of ours (published live)")
-    parser.add_argument(
-        "--compare-rounds", type=int, default=2, help="runs of each other side, at the end"
-    )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per run, at most")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    extra_args = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(extra_args)
-
-    load_before = os.getloadavg()
-    began = time.monotonic()
+def run_rounds(
+    bench: Bench, all_sides: list[Side], args_of: dict[str, tuple[str, ...]], args: Any
+) -> list[Run]:
+    """Ours live, then each other side (slower, or there to explain)."""
+    for side in all_sides:
+        if side.preloaded:
+            arguments = (side.key, args.inputs, side.seconds)
+            publish_template(bench.app, bench.rds, side.task, arguments, args.inputs, side.template)
+    procs = {name: bench.start(*worker) for name, worker in args_of.items()}
+    for name, proc in procs.items():
+        warm_up(bench, next(s for s in all_sides if s.worker == name), proc, args.timeout)
+    schedule = [(n, all_sides[0]) for n in range(args.rounds)]
+    schedule += [(n, s) for s in all_sides[1:] for n in range(args.compare_rounds)]
     runs: list[Run] = []
-    server = RedisServer()
-    try:
-        server.start()
-        # The app reads its broker when imported, so point it at the private Redis first.
-        os.environ["CELERY_BROKER_URL"] = server.url
-        app = importlib.import_module(APP).app
-        spec = spec_of(app.tasks[OURS])
-        assert spec is not None and spec.max_inputs >= args.inputs, spec
-        rds = redis.Redis.from_url(server.url)
-        all_sides = sides(app)
-        args_of = worker_args(app)
-        for side in all_sides:
-            if side.preloaded:
-                publish_template(
-                    app,
-                    rds,
-                    side.task,
-                    (side.key, args.inputs, side.seconds),
-                    args.inputs,
-                    side.template,
-                )
-        with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
-            workers = Workers(server.url, Path(logdir))
-            try:
-                procs = {
-                    name: workers.start(APP, *worker, wait_ready=False)
-                    for name, worker in args_of.items()
-                }
-                warmed: set[str] = set()
-                for side in all_sides:
-                    if side.worker not in warmed:
-                        warm_up(app, rds, side, procs[side.worker], args.timeout)
-                        warmed.add(side.worker)
-                # ours live, then each other side (slower, or there to explain)
-                schedule = [(n, all_sides[0]) for n in range(args.rounds)]
-                schedule += [(n, s) for s in all_sides[1:] for n in range(args.compare_rounds)]
-                for round_no, side in schedule:
-                    proc = procs[side.worker]
-                    run = measure(app, rds, side, proc, args.inputs, round_no, args.timeout)
-                    runs.append(run)
-                    print(
-                        f"round {round_no + 1} {side.name:22}: wall {run.wall_s:6.2f} s, from "
-                        f"publish {run.from_publish_s:6.2f} s (publish {run.publish_s:.2f} s), "
-                        f"{run.max_threads} threads, {run.max_rss_mb:.0f} MB "
-                        f"(load {run.load_1m:.2f})",
-                        flush=True,
-                    )
-            finally:
-                workers.stop_all()
-    finally:
-        server.stop()
-    elapsed = time.monotonic() - began
+    for round_no, side in schedule:
+        run = measure(bench, side, procs[side.worker], args.inputs, round_no, args.timeout)
+        runs.append(run)
+        print(
+            f"round {round_no + 1} {side.name:22}: wall {run.wall_s:6.2f} s, from "
+            f"publish {run.from_publish_s:6.2f} s (publish {run.publish_s:.2f} s), "
+            f"{run.max_threads} threads, {run.max_rss_mb:.0f} MB "
+            f"(load {run.load_1m:.2f})",
+            flush=True,
+        )
+    return runs
 
+
+def results_of(runs: list[Run], all_sides: list[Side]) -> dict[str, Any]:
     results = {side.name: summarize(runs, side.name) for side in all_sides}
-    commands = {
-        side.name: " ".join(("celery -A", APP, "worker", *args_of[side.worker]))
-        for side in all_sides
-    }
     ours = results["ours"]
     meets = {
         "wall": ours["wall_s"]["median"] <= TARGET_WALL_S,
         "threads": ours["max_threads"] <= TARGET_THREADS,
         "rss": ours["max_rss_mb"] <= TARGET_RSS_MB,
     }
+    return {
+        **results,
+        "targets": {"wall_s": TARGET_WALL_S, "threads": TARGET_THREADS, "rss_mb": TARGET_RSS_MB},
+        "meets_targets": meets,
+        "floor_plus_sleep_s": results["floor: no-op intake"]["wall_s"]["median"] + 1.0,
+    }
+
+
+def print_summary(all_sides: list[Side], results: dict[str, Any], inputs: int) -> None:
     print()
     print(
         f"{'side':22} {'wall s':>7} {'min':>6} {'max':>6} {'publish+':>9} {'publish':>8} "
@@ -274,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{from_publish['median']:9.2f} {numbers['publish_s']['median']:8.2f} "
             f"{numbers['max_threads']:8} {numbers['max_rss_mb']:7.0f}"
         )
+    ours, meets = results["ours"], results["meets_targets"]
     print(
         f"ours: wall {ours['wall_s']['median']:.2f} s (target <= {TARGET_WALL_S:g}: "
         f"{'meets' if meets['wall'] else 'misses'}), {ours['max_threads']} threads (<= "
@@ -282,40 +238,42 @@ def main(argv: list[str] | None = None) -> int:
         f"{'meets' if meets['rss'] else 'misses'})"
     )
     floor = results["floor: no-op intake"]["wall_s"]["median"]
-    print(f"floor: {args.inputs} no-op inputs take {floor:.2f} s to go through a plain worker")
-    print(f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}")
+    print(f"floor: {inputs} no-op inputs take {floor:.2f} s to go through a plain worker")
 
-    report = {
-        "benchmark": "density",
-        "command": " ".join([python_path(), "-m", "benchmarks.bench_density", *extra_args]),
-        "parameters": {
-            "inputs": args.inputs,
-            "rounds_ours": args.rounds,
-            "rounds_each_other_side": args.compare_rounds,
-            "ours_function": spec.as_dict(),
-            "wall": "first input start to last input finish",
-            "from_publish": "first publish (or the pre-loaded burst) to last input finish",
-            "publish": "apply_async of every input, in a loop on one producer",
-            "threads_and_rss": "the most seen in the process that runs the inputs (the "
-            "container for ours), sampled every 50 ms from /proc",
-        },
-        "workers": commands,
-        "results": {
-            **results,
-            "targets": {
-                "wall_s": TARGET_WALL_S,
-                "threads": TARGET_THREADS,
-                "rss_mb": TARGET_RSS_MB,
-            },
-            "meets_targets": meets,
-            "floor_plus_sleep_s": floor + 1.0,
-        },
-        "runs": [asdict(run) for run in runs],
-        "environment": environment(load_before, os.getloadavg(), elapsed),
+
+def parameters(args: argparse.Namespace, spec: Any) -> dict[str, Any]:
+    return {
+        "inputs": args.inputs,
+        "rounds_ours": args.rounds,
+        "rounds_each_other_side": args.compare_rounds,
+        "ours_function": spec.as_dict(),
+        "wall": "first input start to last input finish",
+        "from_publish": "first publish (or the pre-loaded burst) to last input finish",
+        "publish": "apply_async of every input, in a loop on one producer",
+        "threads_and_rss": "the most seen in the process that runs the inputs (the "
+        "container for ours), sampled every 50 ms from /proc",
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = options("density", __doc__)
+    parser.add_argument("--inputs", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of ours (published live)")
+    parser.add_argument(
+        "--compare-rounds", type=int, default=2, help="runs of each other side, at the end"
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per run, at most")
+    bench = Bench("density", parser, argv)
+    args = bench.args
+    with bench:
+        spec = bench.spec(OURS)
+        assert spec.max_inputs >= args.inputs, spec
+        all_sides, args_of = sides(bench), worker_args(bench)
+        runs = run_rounds(bench, all_sides, args_of, args)
+    results = results_of(runs, all_sides)
+    print_summary(all_sides, results, args.inputs)
+    workers = {side.name: worker_command(args_of[side.worker]) for side in all_sides}
+    bench.write(parameters(args, spec), workers, results, runs=[asdict(run) for run in runs])
     return 0
 
 

@@ -45,27 +45,19 @@ that thread's samples.
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import redis
-
-from benchmarks.common import environment, run_main
-from celery_concurrent import spec_of
+from benchmarks.common import spread
+from benchmarks.scenario import APP, Bench, options, rotations, run_main, worker_command
 from celery_concurrent.plugin import WORKER_OPTIONS
-from tests.support import ROOT, RedisServer, Workers
+from devkit.bursts import burst, publish_template
+from devkit.processes import cpu_seconds
 
-APP = "benchmarks.apps"
 MAX_INPUTS = 10
-RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 TARGET_RATIO = 0.95
 COUNTER = "bench:done"
 POLL_SECONDS = 0.02
@@ -82,7 +74,11 @@ class Side:
 
     @property
     def command(self) -> str:
-        return " ".join(("celery", "-A", APP, "worker", *self.worker_args))
+        return worker_command(self.worker_args)
+
+    @property
+    def template(self) -> str:
+        return f"bench:template:{self.name}"
 
 
 @dataclass(frozen=True)
@@ -95,25 +91,16 @@ class Run:
     startup_s: float
 
 
-def sides(app: Any) -> list[Side]:
-    ours = app.tasks[f"{APP}.concurrent_noop"]
-    spec = spec_of(ours)
-    assert spec is not None and spec.max_inputs == MAX_INPUTS, spec
-    plain_queue = importlib.import_module(APP).PLAIN_QUEUE
+def sides(bench: Bench) -> list[Side]:
+    ours = f"{APP}.concurrent_noop"
+    spec = bench.spec(ours)
+    assert spec.max_inputs == MAX_INPUTS, spec
+    plain_queue = bench.apps.PLAIN_QUEUE
     plain_only = ("--without-concurrent",) if _plugin_offers("--without-concurrent") else ()
+    plain_args = ("-P", "threads", "-c", str(MAX_INPUTS), "-Q", plain_queue)
     return [
-        Side(
-            "ours",
-            ours.name,
-            spec.queue,
-            ("--concurrent-function", ours.name, *COMMON_ARGS),
-        ),
-        Side(
-            "plain",
-            f"{APP}.plain_noop",
-            plain_queue,
-            ("-P", "threads", "-c", str(MAX_INPUTS), "-Q", plain_queue, *COMMON_ARGS, *plain_only),
-        ),
+        Side("ours", ours, spec.queue, ("--concurrent-function", ours, *COMMON_ARGS)),
+        Side("plain", f"{APP}.plain_noop", plain_queue, (*plain_args, *COMMON_ARGS, *plain_only)),
     ]
 
 
@@ -121,36 +108,14 @@ def _plugin_offers(flag: str) -> bool:
     return any(flag in option.opts for option in WORKER_OPTIONS)
 
 
-def template_key(side: Side) -> str:
-    return f"bench:template:{side.name}"
-
-
-def publish_backlog(app: Any, rds: redis.Redis, side: Side, total: int) -> None:
-    """Publish ``total`` messages once and keep them as the side's template backlog."""
-    task = app.tasks[side.task]
-    with app.producer_or_acquire() as producer:
-        for _ in range(total):
-            task.apply_async((COUNTER, total), producer=producer)
-    assert rds.llen(side.queue) == total, (side.queue, rds.llen(side.queue))
-    rds.rename(side.queue, template_key(side))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def measure(
-    workers: Workers, rds: redis.Redis, side: Side, total: int, round_no: int, timeout: float
-) -> Run:
+def measure(bench: Bench, side: Side, total: int, round_no: int, timeout: float) -> Run:
+    rds = bench.rds
     last_key = f"{COUNTER}:t{total}"
     rds.delete(COUNTER, f"{COUNTER}:t1", last_key)
-    rds.copy(template_key(side), side.queue, replace=True)
+    burst(rds, side.template, side.queue)
     spawned = time.time()
-    # Workers.start passes "-l INFO" first; our "-l WARNING" comes later and wins.
-    proc = workers.start(APP, *side.worker_args, wait_ready=False)
+    # The worker gets "-l INFO" first; our "-l WARNING" comes later and wins.
+    proc = bench.start(*side.worker_args)
     try:
         deadline = time.monotonic() + timeout
         cpu_from: tuple[int, float] | None = None  # (inputs done, CPU seconds) at first sight
@@ -162,15 +127,15 @@ def measure(
                 cpu_to = cpu_seconds(proc.pid)
                 break
             if proc.poll() is not None:
-                raise RuntimeError(f"{side.name} worker exited:\n{workers.log_of(proc)[-3000:]}")
+                raise RuntimeError(f"{side.name} worker exited:\n{bench.workers.tail(proc)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"{side.name}: {done} of {total} inputs within {timeout}s:\n"
-                    f"{workers.log_of(proc)[-3000:]}"
+                    f"{bench.workers.tail(proc)}"
                 )
             time.sleep(POLL_SECONDS)
     finally:
-        workers.stop_all()
+        bench.workers.stop(proc)
     done = int(rds.get(COUNTER) or 0)
     if done != total or rds.llen(side.queue) or rds.hlen("unacked"):
         raise RuntimeError(f"{side.name}: {done} of {total} done, backlog left behind")
@@ -180,10 +145,6 @@ def measure(
     drain = last - first
     cpu_ms = 1000 * (cpu_to - cpu_from[1]) / max(1, total - cpu_from[0])
     return Run(side.name, round_no, (total - 1) / drain, cpu_ms, drain, first - spawned)
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def summarize(runs: list[Run], name: str) -> dict[str, Any]:
@@ -203,113 +164,90 @@ def per_round(runs: list[Run], field: str) -> list[float]:
     return [pair["ours"] / pair["plain"] for pair in by_round.values()]
 
 
-def python_path() -> str:
-    """The interpreter, relative to the repository when it is the project's virtualenv."""
-    path = Path(sys.executable)
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def run_rounds(both: list[Side], rds: redis.Redis, url: str, args: argparse.Namespace) -> list[Run]:
+def run_rounds(bench: Bench, both: list[Side], args: argparse.Namespace) -> list[Run]:
+    for side in both:
+        publish_template(
+            bench.app, bench.rds, side.task, (COUNTER, args.inputs), args.inputs, side.template
+        )
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
-        workers = Workers(url, Path(logdir))
-        try:
-            for round_no in range(args.rounds):
-                order = both if round_no % 2 == 0 else both[::-1]
-                for side in order:
-                    run = measure(workers, rds, side, args.inputs, round_no, args.timeout)
-                    runs.append(run)
-                    print(
-                        f"round {round_no + 1} {side.name:5}: {run.inputs_per_s:6.0f} inputs/s "
-                        f"{run.cpu_ms_per_input:6.3f} CPU ms/input  (drain {run.drain_s:.2f}s, "
-                        f"startup {run.startup_s:.2f}s)",
-                        flush=True,
-                    )
-        finally:
-            workers.stop_all()
+    for round_no, side in rotations(both, args.rounds):
+        run = measure(bench, side, args.inputs, round_no, args.timeout)
+        runs.append(run)
+        print(
+            f"round {round_no + 1} {side.name:5}: {run.inputs_per_s:6.0f} inputs/s "
+            f"{run.cpu_ms_per_input:6.3f} CPU ms/input  (drain {run.drain_s:.2f}s, "
+            f"startup {run.startup_s:.2f}s)",
+            flush=True,
+        )
     return runs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--inputs", type=int, default=4000, help="backlog K per run")
-    parser.add_argument(
-        "--rounds", type=int, default=8, help="runs of each side (even: each side leads as often)"
-    )
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per run, at most")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    extra_args = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(extra_args)
-
-    load_before = os.getloadavg()
-    server = RedisServer()
-    try:
-        server.start()
-        # The app reads its broker when imported, so point it at the private Redis first.
-        os.environ["CELERY_BROKER_URL"] = server.url
-        app = importlib.import_module(APP).app
-        rds = redis.Redis.from_url(server.url)
-        both = sides(app)
-        for side in both:
-            publish_backlog(app, rds, side, args.inputs)
-        runs = run_rounds(both, rds, server.url, args)
-    finally:
-        server.stop()
-    load_after = os.getloadavg()
-
+def results_of(runs: list[Run]) -> dict[str, Any]:
     ours, plain = summarize(runs, "ours"), summarize(runs, "plain")
     ratio = ours["inputs_per_s"]["median"] / plain["inputs_per_s"]["median"]
-    cpu_ratio = plain["cpu_ms_per_input"]["median"] / ours["cpu_ms_per_input"]["median"]
-    round_ratios = spread(per_round(runs, "inputs_per_s"))
+    return {
+        "ours": ours,
+        "plain": plain,
+        "throughput_ratio": ratio,
+        "target": TARGET_RATIO,
+        "meets_target": ratio >= TARGET_RATIO,
+        "per_round_throughput_ratio": spread(per_round(runs, "inputs_per_s")),
+        "cpu_ratio_plain_over_ours": plain["cpu_ms_per_input"]["median"]
+        / ours["cpu_ms_per_input"]["median"],
+    }
+
+
+def print_summary(both: list[Side], results: dict[str, Any]) -> None:
     print()
     print(
         f"{'side':6} {'median/s':>9} {'min/s':>7} {'max/s':>7} "
         f"{'CPU ms/input':>13} {'min':>6} {'max':>6}  command"
     )
-    for side, numbers in zip(both, (ours, plain), strict=True):
-        rate, cpu = numbers["inputs_per_s"], numbers["cpu_ms_per_input"]
+    for side in both:
+        rate, cpu = results[side.name]["inputs_per_s"], results[side.name]["cpu_ms_per_input"]
         print(
             f"{side.name:6} {rate['median']:9.0f} {rate['min']:7.0f} {rate['max']:7.0f} "
             f"{cpu['median']:13.3f} {cpu['min']:6.3f} {cpu['max']:6.3f}  {side.command}"
         )
-    verdict = "meets" if ratio >= TARGET_RATIO else "misses"
+    ratio, rounds = results["throughput_ratio"], results["per_round_throughput_ratio"]
+    verdict = "meets" if results["meets_target"] else "misses"
     print(f"throughput ratio ours/plain: {ratio:.3f} ({verdict} the target {TARGET_RATIO})")
     print(
-        f"per-round throughput ratio: median {round_ratios['median']:.3f}, "
-        f"min {round_ratios['min']:.3f}, max {round_ratios['max']:.3f}"
+        f"per-round throughput ratio: median {rounds['median']:.3f}, "
+        f"min {rounds['min']:.3f}, max {rounds['max']:.3f}"
     )
-    print(f"CPU per input ratio plain/ours: {cpu_ratio:.3f} (>= 1: ours costs no more)")
-    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}")
+    print(
+        f"CPU per input ratio plain/ours: {results['cpu_ratio_plain_over_ours']:.3f} "
+        "(>= 1: ours costs no more)"
+    )
 
-    report = {
-        "benchmark": "overhead",
-        "command": " ".join([python_path(), "-m", "benchmarks.bench_overhead", *extra_args]),
-        "parameters": {
-            "inputs_per_run": args.inputs,
-            "rounds_per_side": args.rounds,
-            "max_inputs": MAX_INPUTS,
-            "plain_concurrency": MAX_INPUTS,
-            "plain_prefetch_multiplier": 4,
-            "throughput": "(K - 1) / (t_K - t_1): first to last completion of a pre-loaded backlog",
-            "cpu": "worker process user+system CPU from the first seen completion to the "
-            "last, per input",
-        },
-        "workers": {side.name: side.command for side in both},
-        "results": {
-            "ours": ours,
-            "plain": plain,
-            "throughput_ratio": ratio,
-            "target": TARGET_RATIO,
-            "meets_target": ratio >= TARGET_RATIO,
-            "per_round_throughput_ratio": round_ratios,
-            "cpu_ratio_plain_over_ours": cpu_ratio,
-        },
-        "runs": [asdict(run) for run in runs],
-        "environment": environment(load_before, load_after),
+
+def main(argv: list[str] | None = None) -> int:
+    parser = options("overhead", __doc__)
+    parser.add_argument("--inputs", type=int, default=4000, help="backlog K per run")
+    parser.add_argument(
+        "--rounds", type=int, default=8, help="runs of each side (even: each side leads as often)"
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per run, at most")
+    bench = Bench("overhead", parser, argv)
+    args = bench.args
+    with bench:
+        both = sides(bench)
+        runs = run_rounds(bench, both, args)
+    results = results_of(runs)
+    print_summary(both, results)
+    parameters = {
+        "inputs_per_run": args.inputs,
+        "rounds_per_side": args.rounds,
+        "max_inputs": MAX_INPUTS,
+        "plain_concurrency": MAX_INPUTS,
+        "plain_prefetch_multiplier": 4,
+        "throughput": "(K - 1) / (t_K - t_1): first to last completion of a pre-loaded backlog",
+        "cpu": "worker process user+system CPU from the first seen completion to the last, "
+        "per input",
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    workers = {side.name: side.command for side in both}
+    bench.write(parameters, workers, results, runs=[asdict(run) for run in runs])
     return 0
 
 

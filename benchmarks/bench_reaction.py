@@ -87,30 +87,24 @@ The report prints a table (p50, p95, min, max, ratios to ours) and writes
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
 import random
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis
 
-from benchmarks.bench_overhead import cpu_seconds, python_path
-from benchmarks.common import environment, run_main
-from celery_concurrent import spec_of
+from benchmarks.common import JITTER_SECONDS, wait_until
+from benchmarks.scenario import APP, Bench, options, rotations, run_main, worker_command
 from celery_concurrent.supervisor.supervisor import DEFAULT_POLL_INTERVAL
-from tests.support import RedisServer, Workers, children, containers_of, stop_process
+from devkit.processes import children, containers_of, cpu_seconds
 
-APP = "benchmarks.apps"
 OURS = f"{APP}.reaction_ours"
 FLANKED = f"{APP}.reaction_flanked"
 FLOOD = f"{APP}.reaction_flood"
@@ -121,14 +115,10 @@ COLD_TIMEOUT = 60.0
 EXEC = f"{APP}.reaction_exec"
 PLAIN = f"{APP}.reaction_plain"
 IDLE_FUNCTIONS = (f"{APP}.idle_sync", f"{APP}.idle_async")
-RESULTS = Path(__file__).resolve().parent / "results" / "reaction.json"
 TARGET_P50_MS = 150.0
 TARGET_IDLE_SHARE = 0.02
 AUTOSCALE = "4,0"
 AUTOSCALE_KEEPALIVE = "1"
-POLL_SECONDS = 0.01
-#: a random pause before each burst, longer than the supervisor's poll interval
-JITTER_SECONDS = 4 * DEFAULT_POLL_INTERVAL
 QUIET = ("-l", "WARNING")
 #: The node as a user runs it, with one pool process for plain tasks.
 NODE_ARGS = ("-c", "1", *QUIET)
@@ -169,8 +159,8 @@ class Side:
     key: str = ""
     env: dict[str, str] = {}
 
-    def __init__(self, workers: Workers, rds: redis.Redis, app: Any) -> None:
-        self.workers, self.rds, self.app = workers, rds, app
+    def __init__(self, bench: Bench) -> None:
+        self.bench, self.rds, self.app = bench, bench.rds, bench.app
         #: the side's worker process (the node, the exec'd container, the autoscaler)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -179,11 +169,10 @@ class Side:
 
     @property
     def command(self) -> str:
-        env = " ".join(f"{name}={value}" for name, value in self.env.items())
-        return " ".join(filter(None, (env, "celery -A", APP, "worker", *self.args())))
+        return worker_command(self.args(), self.env)
 
     def start(self) -> subprocess.Popen[bytes]:
-        self.proc = self.workers.start(APP, *self.args(), env=self.env, wait_ready=False)
+        self.proc = self.bench.start(*self.args(), env=self.env)
         return self.proc
 
     def setup(self) -> None:
@@ -203,8 +192,7 @@ class Side:
 
     def teardown(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc)
-            self.workers.procs.remove(self.proc)
+            self.bench.workers.stop(self.proc)
             self.proc = None
 
     def burst(self, key: str, size: int) -> float:
@@ -257,8 +245,7 @@ class Flanked(Ours):
 
     def after_burst(self) -> None:
         super().after_burst()
-        spec = spec_of(self.app.tasks[FLOOD])
-        assert spec is not None
+        spec = self.bench.spec(FLOOD)
         # What the flood still has waiting is dropped: no other side's burst meets it.
         self.rds.delete(spec.queue)
         self.wait_cold(COLD_TIMEOUT)
@@ -292,7 +279,7 @@ class Autoscale(Side):
     env = {"AUTOSCALE_KEEPALIVE": AUTOSCALE_KEEPALIVE}
 
     def args(self) -> tuple[str, ...]:
-        queue = importlib.import_module(APP).REACTION_PLAIN_QUEUE
+        queue = self.bench.apps.REACTION_PLAIN_QUEUE
         return (
             f"--autoscale={AUTOSCALE}",
             *("-n", "autoscale@%h", "-Q", queue, "--without-concurrent"),
@@ -315,18 +302,6 @@ class Autoscale(Side):
 
     def is_new(self, start: Start) -> bool:
         return start.pid not in self.before
-
-
-def wait_until(
-    predicate: Callable[[], object], timeout: float, what: str, proc: Any = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the worker exited ({proc.returncode})")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        time.sleep(POLL_SECONDS)
 
 
 def read_starts(rds: redis.Redis, key: str) -> list[Start]:
@@ -394,12 +369,43 @@ def supervisor_turns_per_second(app: Any, node: str) -> float | None:
     return turns / uptime if turns and uptime else None
 
 
-def measure_idle(
-    workers: Workers, app: Any, seconds: float, baseline_seconds: float
-) -> dict[str, Any]:
+def measure_idle(bench: Bench, seconds: float, baseline_seconds: float) -> dict[str, Any]:
     name = f"idle@{socket.gethostname()}"
     args = (*NODE_ARGS, "-n", name, "--concurrent-functions", ",".join(IDLE_FUNCTIONS))
-    node = workers.start(APP, *args, wait_ready=False)
+    found, turns = idle_shares(bench, args, name, seconds)
+    base_args = (*NODE_ARGS, "-n", "plain@%h", "--without-concurrent")
+    plain = bench.start(*base_args)
+    try:
+        time.sleep(3)
+        plain_share = shares({"node": [plain.pid]}, baseline_seconds)["node"][0]
+    finally:
+        bench.workers.stop(plain)
+    node_share = found["node"][0]
+    supervisor_share = node_share - plain_share
+    return {
+        "node_main_process_share": node_share,
+        "target": TARGET_IDLE_SHARE,
+        "meets_target": node_share <= TARGET_IDLE_SHARE,
+        "plain_node_main_process_share": plain_share,
+        "supervisor_share": supervisor_share,
+        "supervisor_turns_per_s": turns,
+        "supervisor_cpu_ms_per_turn": 1000 * supervisor_share / turns if turns else None,
+        "containers_share_total": sum(found["containers"]),
+        "containers_share_each": found["containers"],
+        "node_children_share": sum(found["children"]),
+        "seconds": seconds,
+        "baseline_seconds": baseline_seconds,
+        "node_command": worker_command(args).replace(name, "idle@%h"),
+        "plain_node_command": worker_command(base_args),
+    }
+
+
+def idle_shares(
+    bench: Bench, args: tuple[str, ...], name: str, seconds: float
+) -> tuple[dict[str, list[float]], float | None]:
+    """The idle node's CPU shares (main process, containers, other children) and how
+    often its supervisor ran a turn."""
+    node = bench.start(*args)
     try:
         wait_until(
             lambda: len(containers_of(node.pid)) == len(IDLE_FUNCTIONS),
@@ -417,42 +423,9 @@ def measure_idle(
             },
             seconds,
         )
-        turns = supervisor_turns_per_second(app, name)
+        return found, supervisor_turns_per_second(bench.app, name)
     finally:
-        stop_process(node)
-        workers.procs.remove(node)
-    base_args = (*NODE_ARGS, "-n", "plain@%h", "--without-concurrent")
-    plain = workers.start(APP, *base_args, wait_ready=False)
-    try:
-        time.sleep(3)
-        plain_share = shares({"node": [plain.pid]}, baseline_seconds)["node"][0]
-    finally:
-        stop_process(plain)
-        workers.procs.remove(plain)
-    node_share = found["node"][0]
-    supervisor_share = node_share - plain_share
-    return {
-        "node_main_process_share": node_share,
-        "target": TARGET_IDLE_SHARE,
-        "meets_target": node_share <= TARGET_IDLE_SHARE,
-        "plain_node_main_process_share": plain_share,
-        "supervisor_share": supervisor_share,
-        "supervisor_turns_per_s": turns,
-        "supervisor_cpu_ms_per_turn": 1000 * supervisor_share / turns if turns else None,
-        "containers_share_total": sum(found["containers"]),
-        "containers_share_each": found["containers"],
-        "node_children_share": sum(found["children"]),
-        "seconds": seconds,
-        "baseline_seconds": baseline_seconds,
-        "node_command": " ".join(("celery -A", APP, "worker", *args)).replace(name, "idle@%h"),
-        "plain_node_command": " ".join(("celery -A", APP, "worker", *base_args)),
-    }
-
-
-def spec_as_dict(task: Any) -> dict[str, Any]:
-    spec = spec_of(task)
-    assert spec is not None, task
-    return spec.as_dict()
+        bench.workers.stop(node)
 
 
 # -- report ------------------------------------------------------------------------
@@ -490,17 +463,15 @@ def run_rounds(sides: list[Side], args: argparse.Namespace) -> list[Sample]:
     jitter = random.Random(args.seed)
     for side in sides:
         side.setup()
-    for round_no in range(-1, args.rounds):  # round -1 warms up
-        shift = round_no % len(sides)
-        for side in sides[shift:] + sides[:shift]:
-            pause = jitter.uniform(0, JITTER_SECONDS)
-            sample = measure(side, round_no, args.burst, args.timeout, pause)
-            if round_no >= 0:
-                samples.append(sample)
-        if round_no >= 0:
-            line = "  ".join(
-                f"{s.side} {s.reaction_ms:6.1f} ms" for s in samples if s.round == round_no
-            )
+    for round_no, side in rotations(sides, args.rounds, warm_up=True):
+        pause = jitter.uniform(0, JITTER_SECONDS)
+        sample = measure(side, round_no, args.burst, args.timeout, pause)
+        if round_no < 0:
+            continue
+        samples.append(sample)
+        in_round = [s for s in samples if s.round == round_no]
+        if len(in_round) == len(sides):
+            line = "  ".join(f"{s.side} {s.reaction_ms:6.1f} ms" for s in in_round)
             print(f"round {round_no + 1:2}: {line}", flush=True)
     return samples
 
@@ -527,50 +498,10 @@ def print_table(results: dict[str, dict[str, Any]], commands: dict[str, str]) ->
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20, help="bursts per side")
-    parser.add_argument("--burst", type=int, default=10, help="inputs per burst")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per step, at most")
-    parser.add_argument("--seed", type=int, default=0, help="of the pauses before bursts")
-    parser.add_argument("--idle-seconds", type=float, default=20.0)
-    parser.add_argument("--baseline-seconds", type=float, default=20.0)
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    extra_args = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(extra_args)
-
-    load_before = os.getloadavg()
-    began = time.monotonic()
-    server = RedisServer()
-    try:
-        server.start()
-        # The app reads its broker when imported, so point it at the private Redis first.
-        os.environ["CELERY_BROKER_URL"] = server.url
-        app = importlib.import_module(APP).app
-        rds = redis.Redis.from_url(server.url)
-        with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
-            workers = Workers(server.url, Path(logdir))
-            kinds = (Ours, Flanked, Exec, Autoscale)
-            sides: list[Side] = [cls(workers, rds, app) for cls in kinds]
-            try:
-                samples = run_rounds(sides, args)
-                for side in sides:
-                    side.teardown()
-                idle = measure_idle(workers, app, args.idle_seconds, args.baseline_seconds)
-            finally:
-                workers.stop_all()  # every side's process too, all at once
-    finally:
-        server.stop()
-    load_after = os.getloadavg()
-    elapsed = time.monotonic() - began
-
-    results = {s.name: summarize([x for x in samples if x.side == s.name]) for s in sides}
-    commands = {side.name: side.command for side in sides}
-    ours = results["ours"]
-    print_table(results, commands)
+def print_verdicts(results: dict[str, Any]) -> None:
+    ours, flanked, idle = results["ours"], results["flanked"], results["idle"]
     verdict = "meets" if ours["p50_ms"] <= TARGET_P50_MS else "misses"
     print(f"ours p50 {ours['p50_ms']:.1f} ms ({verdict} the target {TARGET_P50_MS:.0f} ms)")
-    flanked = results["flanked"]
     print(
         f"beside a flood of {FLOOD_INPUTS} inputs to another function: p50 "
         f"{flanked['p50_ms']:.1f} ms, p95 {flanked['p95_ms']:.1f} ms, "
@@ -590,47 +521,66 @@ def main(argv: list[str] | None = None) -> int:
         f"node's other children (fork server, pool, tracker) "
         f"{100 * idle['node_children_share']:.2f} %"
     )
-    print(
-        f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
-        f"took {elapsed:.0f} s"
-    )
 
-    report = {
-        "benchmark": "reaction",
-        "command": " ".join([python_path(), "-m", "benchmarks.bench_reaction", *extra_args]),
-        "parameters": {
-            "rounds_per_side": args.rounds,
-            "burst_inputs": args.burst,
-            "pause_before_burst_s": f"uniform(0, {JITTER_SECONDS}), seed {args.seed}",
-            "reaction": "time.monotonic() from just before the burst's first publish to the "
-            "first input of the burst starting on a process that did not exist before it",
-            "ours_function": spec_as_dict(app.tasks[OURS]),
-            "flanked_flood": {
-                "function": spec_as_dict(app.tasks[FLOOD]),
-                "inputs": FLOOD_INPUTS,
-                "seconds_per_input": importlib.import_module(APP).FLOOD_SECONDS,
-                "when": "published just before each burst of flanked; its backlog is "
-                "dropped after the burst",
-            },
-            "autoscale": AUTOSCALE,
-            "autoscale_keepalive_s": float(AUTOSCALE_KEEPALIVE),
-            "poll_interval_s": DEFAULT_POLL_INTERVAL,
-        },
-        "workers": commands,
-        "results": {
-            **results,
-            "p50_ratio_to_ours": {n: r["p50_ms"] / ours["p50_ms"] for n, r in results.items()},
-            "p95_ratio_to_ours": {n: r["p95_ms"] / ours["p95_ms"] for n, r in results.items()},
-            "target_p50_ms": TARGET_P50_MS,
-            "meets_target": ours["p50_ms"] <= TARGET_P50_MS,
-            "idle": idle,
-        },
-        "samples": [asdict(sample) for sample in samples],
-        "environment": environment(load_before, load_after, elapsed),
+
+def results_of(sides: list[Side], samples: list[Sample], idle: dict[str, Any]) -> dict[str, Any]:
+    results = {s.name: summarize([x for x in samples if x.side == s.name]) for s in sides}
+    ours = results["ours"]
+    return {
+        **results,
+        "p50_ratio_to_ours": {n: r["p50_ms"] / ours["p50_ms"] for n, r in results.items()},
+        "p95_ratio_to_ours": {n: r["p95_ms"] / ours["p95_ms"] for n, r in results.items()},
+        "target_p50_ms": TARGET_P50_MS,
+        "meets_target": ours["p50_ms"] <= TARGET_P50_MS,
+        "idle": idle,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+
+
+def parameters(bench: Bench) -> dict[str, Any]:
+    args = bench.args
+    return {
+        "rounds_per_side": args.rounds,
+        "burst_inputs": args.burst,
+        "pause_before_burst_s": f"uniform(0, {JITTER_SECONDS}), seed {args.seed}",
+        "reaction": "time.monotonic() from just before the burst's first publish to the "
+        "first input of the burst starting on a process that did not exist before it",
+        "ours_function": bench.spec(OURS).as_dict(),
+        "flanked_flood": {
+            "function": bench.spec(FLOOD).as_dict(),
+            "inputs": FLOOD_INPUTS,
+            "seconds_per_input": bench.apps.FLOOD_SECONDS,
+            "when": "published just before each burst of flanked; its backlog is "
+            "dropped after the burst",
+        },
+        "autoscale": AUTOSCALE,
+        "autoscale_keepalive_s": float(AUTOSCALE_KEEPALIVE),
+        "poll_interval_s": DEFAULT_POLL_INTERVAL,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = options("reaction", __doc__)
+    parser.add_argument("--rounds", type=int, default=20, help="bursts per side")
+    parser.add_argument("--burst", type=int, default=10, help="inputs per burst")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per step, at most")
+    parser.add_argument("--seed", type=int, default=0, help="of the pauses before bursts")
+    parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--baseline-seconds", type=float, default=20.0)
+    bench = Bench("reaction", parser, argv)
+    args = bench.args
+    with bench:
+        sides: list[Side] = [cls(bench) for cls in (Ours, Flanked, Exec, Autoscale)]
+        samples = run_rounds(sides, args)
+        for side in sides:
+            side.teardown()
+        idle = measure_idle(bench, args.idle_seconds, args.baseline_seconds)
+        params = parameters(bench)
+    results = results_of(sides, samples, idle)
+    commands = {side.name: side.command for side in sides}
+    print_table({side.name: results[side.name] for side in sides}, commands)
+    print_verdicts(results)
+    samples_out = [asdict(sample) for sample in samples]
+    bench.write(params, commands, results, samples=samples_out)
     return 0
 
 

@@ -27,29 +27,22 @@ which scales the function to four containers, and waits until it is back to one.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
+from benchmarks.common import POLL_SECONDS, publish, scrape, spread, wait_until
+from benchmarks.scenario import APP, RESULTS, Bench, options, run_main, worker_command
+from devkit.processes import containers_of
+from devkit.servers import free_port
 
-from benchmarks.bench_overhead import python_path, spread
-from benchmarks.bench_reaction import wait_until
-from benchmarks.common import POLL_SECONDS, environment, publish, run_main, scrape
-from celery_concurrent import spec_of
-from tests.support import RedisServer, Workers, containers_of, free_port
-
-APP = "benchmarks.apps"
 OURS = f"{APP}.scaledown_ours"
-RESULTS = Path(__file__).resolve().parent / "results" / "scaledown.json"
-PLOT = Path(__file__).resolve().parent / "results" / "scaling.png"
+PLOT = RESULTS / "scaling.png"
 #: a container must exit within the window plus this
 TARGET_SLACK_S = 1.0
 SCRAPE_SECONDS = 0.1
@@ -94,9 +87,10 @@ def steady(port: int, node_pid: int, keep_warm: int) -> bool:
 
 
 def run_round(
-    app: Any, rds: redis.Redis, node: Any, port: int, spec: Any, size: int, timeout: float
+    bench: Bench, node: Any, port: int, spec: Any, size: int, timeout: float
 ) -> tuple[Trace, dict[int, float]]:
     """One burst and its scale-down; returns the trace and each pid's last finish."""
+    app, rds = bench.app, bench.rds
     key = f"bench:scaledown:{time.monotonic()}"
     trace = Trace()
     seen: set[int] = set()
@@ -171,42 +165,10 @@ def plot(trace: Trace, last_finish: dict[int, float], spec: Any, size: int, path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    times = [t for t, *_ in trace.gauges]
     fig, left = plt.subplots(figsize=(9, 4.5), dpi=120)
     right = left.twinx()
-    right.fill_between(
-        times,
-        [b for _, _, b, _ in trace.gauges],
-        step="post",
-        color="tab:orange",
-        alpha=0.25,
-        label="backlog (inputs waiting)",
-    )
-    right.step(
-        times,
-        [f for *_, f in trace.gauges],
-        where="post",
-        color="tab:green",
-        lw=1,
-        label="in flight",
-    )
-    left.step(
-        times,
-        [c for _, c, _, _ in trace.gauges],
-        where="post",
-        color="tab:blue",
-        lw=2.5,
-        label="containers (running)",
-    )
-    left.step(
-        [t for t, _ in trace.processes],
-        [n for _, n in trace.processes],
-        where="post",
-        color="tab:blue",
-        lw=1,
-        ls=":",
-        label="container processes (draining too)",
-    )
+    _draw_series(left, right, trace)
+    times = [t for t, *_ in trace.gauges]
     left.axhline(spec.min_containers, color="grey", ls="--", lw=1)
     left.text(times[0], spec.min_containers + 0.05, " keep_warm", color="grey", va="bottom")
     idle_from = max(last_finish.values())
@@ -240,122 +202,146 @@ def plot(trace: Trace, last_finish: dict[int, float], spec: Any, size: int, path
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4, help="bursts, the plotted one included")
-    parser.add_argument("--burst", type=int, default=40, help="inputs per burst")
-    parser.add_argument("--plot-burst", type=int, default=300, help="inputs of the first burst")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per round, at most")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--plot", type=Path, default=PLOT)
-    extra_args = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(extra_args)
+def _draw_series(left: Any, right: Any, trace: Trace) -> None:
+    """The gauges on two axes: containers on the left, inputs on the right."""
+    times = [t for t, *_ in trace.gauges]
+    backlog = [b for _, _, b, _ in trace.gauges]
+    right.fill_between(
+        times,
+        backlog,
+        step="post",
+        color="tab:orange",
+        alpha=0.25,
+        label="backlog (inputs waiting)",
+    )
+    in_flight = [f for *_, f in trace.gauges]
+    right.step(times, in_flight, where="post", color="tab:green", lw=1, label="in flight")
+    containers = [c for _, c, _, _ in trace.gauges]
+    left.step(
+        times, containers, where="post", color="tab:blue", lw=2.5, label="containers (running)"
+    )
+    left.step(
+        [t for t, _ in trace.processes],
+        [n for _, n in trace.processes],
+        where="post",
+        color="tab:blue",
+        lw=1,
+        ls=":",
+        label="container processes (draining too)",
+    )
 
-    load_before = os.getloadavg()
-    began = time.monotonic()
+
+def run_rounds(
+    bench: Bench, args: argparse.Namespace, node_args: tuple[str, ...], port: int
+) -> dict[str, Any]:
+    """Every round from the steady state: its retirements, whether keep_warm held, and
+    the first round's trace (plotted)."""
+    spec = bench.spec(OURS)
     found: list[Retirement] = []
     warm: list[dict[str, Any]] = []
     plotted: dict[str, Any] = {}
-    server = RedisServer()
-    try:
-        server.start()
-        # The app reads its broker when imported, so point it at the private Redis first.
-        os.environ["CELERY_BROKER_URL"] = server.url
-        app = importlib.import_module(APP).app
-        spec = spec_of(app.tasks[OURS])
-        assert spec is not None
-        rds = redis.Redis.from_url(server.url)
-        port = free_port()
-        node_args = (
-            *("-c", "1", "-l", "WARNING", "-n", "scaledown@%h"),
-            *("--concurrent-functions", OURS, "--concurrent-metrics-port", str(port)),
+    node = bench.start(*node_args)
+    for round_no in range(args.rounds):
+        wait_until(
+            lambda: _steady_or_not_up(port, node.pid, spec.min_containers),
+            args.timeout,
+            "the node: steady at keep_warm",
+            node,
         )
-        with tempfile.TemporaryDirectory(prefix="cc-bench-") as logdir:
-            workers = Workers(server.url, Path(logdir))
-            try:
-                node = workers.start(APP, *node_args, wait_ready=False)
-                for round_no in range(args.rounds):
-                    wait_until(
-                        lambda: _steady_or_not_up(port, node.pid, spec.min_containers),
-                        args.timeout,
-                        "the node: steady at keep_warm",
-                        node,
-                    )
-                    size = args.plot_burst if round_no == 0 else args.burst
-                    trace, last_finish = run_round(app, rds, node, port, spec, size, args.timeout)
-                    mine = retirements(round_no, trace, last_finish, spec.scaledown_window)
-                    found += mine
-                    warm.append({"round": round_no, **keep_warm_held(trace, spec.min_containers)})
-                    delays = ", ".join(f"{r.delay_s:.2f}" for r in mine)
-                    print(
-                        f"round {round_no + 1}: {size} inputs; containers exited {delays} s "
-                        f"after their last input (window {spec.scaledown_window:g} s); "
-                        f"fewest running {warm[-1]['min_containers_gauge']:.0f} "
-                        f"(load {os.getloadavg()[0]:.2f})",
-                        flush=True,
-                    )
-                    if round_no == 0:
-                        plot(trace, last_finish, spec, size, args.plot)
-                        plotted = {"trace": asdict(trace), "burst": size}
-            finally:
-                workers.stop_all()
-    finally:
-        server.stop()
-    elapsed = time.monotonic() - began
+        size = args.plot_burst if round_no == 0 else args.burst
+        trace, last_finish = run_round(bench, node, port, spec, size, args.timeout)
+        mine = retirements(round_no, trace, last_finish, spec.scaledown_window)
+        found += mine
+        warm.append({"round": round_no, **keep_warm_held(trace, spec.min_containers)})
+        delays = ", ".join(f"{r.delay_s:.2f}" for r in mine)
+        print(
+            f"round {round_no + 1}: {size} inputs; containers exited {delays} s "
+            f"after their last input (window {spec.scaledown_window:g} s); "
+            f"fewest running {warm[-1]['min_containers_gauge']:.0f} "
+            f"(load {os.getloadavg()[0]:.2f})",
+            flush=True,
+        )
+        if round_no == 0:
+            plot(trace, last_finish, spec, size, args.plot)
+            plotted = {"trace": asdict(trace), "burst": size}
+    return {"retirements": found, "warm": warm, "plotted": plotted}
 
+
+def results_of(found: list[Retirement], warm: list[dict[str, Any]], spec: Any) -> dict[str, Any]:
     delays = [r.delay_s for r in found]
-    worst = max(delays)
     limit = spec.scaledown_window + TARGET_SLACK_S
-    held = all(w["held"] for w in warm)
-    results = {
+    return {
         "delay_s": spread(delays),
         "overshoot_s": spread([r.overshoot_s for r in found]),
         "mean_overshoot_s": statistics.fmean(r.overshoot_s for r in found),
         "retirements": len(found),
         "scaledown_window_s": spec.scaledown_window,
         "target_delay_s": limit,
-        "meets_target": worst <= limit,
+        "meets_target": max(delays) <= limit,
         "keep_warm": spec.min_containers,
-        "keep_warm_held": held,
+        "keep_warm_held": all(w["held"] for w in warm),
         "keep_warm_rounds": warm,
     }
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    delay, warm = results["delay_s"], results["keep_warm_rounds"]
     print()
     print(
-        f"delay from the last input to the container's exit: median {statistics.median(delays):.2f}"
-        f" s, min {min(delays):.2f}, max {worst:.2f} over {len(found)} retirements; window "
-        f"{spec.scaledown_window:g} s, target <= {limit:g} s "
-        f"({'meets' if worst <= limit else 'misses'})"
+        f"delay from the last input to the container's exit: median {delay['median']:.2f}"
+        f" s, min {delay['min']:.2f}, max {delay['max']:.2f} over {results['retirements']} "
+        f"retirements; window {results['scaledown_window_s']:g} s, target <= "
+        f"{results['target_delay_s']:g} s ({'meets' if results['meets_target'] else 'misses'})"
     )
     print(
-        f"keep_warm={spec.min_containers}: {'never violated' if held else 'VIOLATED'} "
+        f"keep_warm={results['keep_warm']}: "
+        f"{'never violated' if results['keep_warm_held'] else 'VIOLATED'} "
         f"(fewest running {min(w['min_containers_gauge'] for w in warm):.0f}, fewest processes "
         f"{min(w['min_container_processes'] for w in warm)})"
     )
-    print(f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}")
 
-    report = {
-        "benchmark": "scaledown",
-        "command": " ".join([python_path(), "-m", "benchmarks.bench_scaledown", *extra_args]),
-        "parameters": {
-            "rounds": args.rounds,
-            "burst_inputs": args.burst,
-            "plot_burst_inputs": args.plot_burst,
-            "seconds_per_input": INPUT_SECONDS,
-            "ours_function": spec.as_dict(),
-            "delay": "a container's process exit (polled every 10 ms) minus the last finish "
-            "of an input on it",
-            "keep_warm": "the containers gauge every 100 ms and the container processes every "
-            "10 ms never below min_containers",
-        },
-        "workers": {"node": " ".join(("celery -A", APP, "worker", *node_args))},
-        "results": results,
-        "retirements": [asdict(r) for r in found],
-        "plot": {"path": str(args.plot), **plotted},
-        "environment": environment(load_before, os.getloadavg(), elapsed),
+
+def parameters(args: argparse.Namespace, spec: Any) -> dict[str, Any]:
+    return {
+        "rounds": args.rounds,
+        "burst_inputs": args.burst,
+        "plot_burst_inputs": args.plot_burst,
+        "seconds_per_input": INPUT_SECONDS,
+        "ours_function": spec.as_dict(),
+        "delay": "a container's process exit (polled every 10 ms) minus the last finish "
+        "of an input on it",
+        "keep_warm": "the containers gauge every 100 ms and the container processes every "
+        "10 ms never below min_containers",
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output} and {args.plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = options("scaledown", __doc__)
+    parser.add_argument("--rounds", type=int, default=4, help="bursts, the plotted one included")
+    parser.add_argument("--burst", type=int, default=40, help="inputs per burst")
+    parser.add_argument("--plot-burst", type=int, default=300, help="inputs of the first burst")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per round, at most")
+    parser.add_argument("--plot", type=Path, default=PLOT)
+    bench = Bench("scaledown", parser, argv)
+    args = bench.args
+    port = free_port()
+    node_args = (
+        *("-c", "1", "-l", "WARNING", "-n", "scaledown@%h"),
+        *("--concurrent-functions", OURS, "--concurrent-metrics-port", str(port)),
+    )
+    with bench:
+        spec = bench.spec(OURS)
+        seen = run_rounds(bench, args, node_args, port)
+    results = results_of(seen["retirements"], seen["warm"], spec)
+    print_summary(results)
+    bench.write(
+        parameters(args, spec),
+        {"node": worker_command(node_args)},
+        results,
+        retirements=[asdict(r) for r in seen["retirements"]],
+        plot={"path": str(args.plot), **seen["plotted"]},
+    )
+    print(f"wrote {args.plot}")
     return 0
 
 

@@ -1,22 +1,14 @@
-"""What the scenario benchmarks share: publishing inputs, reading a run's tally, the
-environment a run saw, sampling a process's threads and memory, the moment something
-first holds, and a node's metrics.
-(A burst at one instant, :func:`tests.support.burst`, is the tests' too.)
+"""What the scenario benchmarks measure with: publishing inputs, reading a run's tally,
+waiting on a condition while a worker lives, sampling a process's threads and memory,
+the moment something first holds, a node's metrics, and the spread of a figure.
 
-Each benchmark is a module with a ``main(argv)`` that starts its own Redis and its own
-workers, stops every process it started by its PID, and writes
-``benchmarks/results/<name>.json``; :mod:`benchmarks.run_all` runs them all. Each runs
-its ``main`` through :func:`run_main`, so that it stops them however it ends.
+How a benchmark runs (its Redis, its workers, its report) is :mod:`benchmarks.scenario`.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import platform
 import re
-import signal
-import sys
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -26,61 +18,34 @@ from urllib.request import urlopen
 
 import redis
 
-from tests.support import rss_bytes, thread_count
+from celery_concurrent.supervisor.supervisor import DEFAULT_POLL_INTERVAL
+from devkit.processes import rss_bytes, thread_count
+from devkit.waiting import wait_for
 
 #: how often a burst waits for its run to finish, and a sampler looks at a process
 POLL_SECONDS = 0.01
-#: what ends a benchmark as Ctrl-C does: ``timeout`` and run_all send SIGTERM, a closed
-#: terminal SIGHUP
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: a random pause before each burst, longer than the supervisor's poll interval: a side
+#: turns cold in step with its own clock, and a real burst lands anywhere in the poll
+JITTER_SECONDS = 4 * DEFAULT_POLL_INTERVAL
 
 
-def run_main(main: Callable[[], int]) -> int:
-    """``main()``'s exit status, with every way of stopping it running its ``finally``
-    blocks, which stop the workers and the Redis it started by their PIDs.
-
-    The workers run in sessions of their own, so nothing but the benchmark stops them:
-    SIGTERM and SIGHUP raise ``KeyboardInterrupt`` as Ctrl-C does (also where the shell
-    started it with SIGINT ignored, ``cmd &``). Once it is stopping, more of these
-    signals are only noted: a second Ctrl-C cannot cut the clean-up short, and each of
-    its steps is bounded by a grace period. Exit status 130 after an interruption.
-    """
-
-    def stopping(signum: int, frame: object) -> None:
-        print(f"({signal.Signals(signum).name}: still stopping)", file=sys.stderr, flush=True)
-
-    def interrupt(signum: int, frame: object) -> None:
-        for each in STOP_SIGNALS:
-            signal.signal(each, stopping)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for each in STOP_SIGNALS:
-        signal.signal(each, interrupt)
-    try:
-        return main()
-    except KeyboardInterrupt as exc:
-        print(
-            f"\ninterrupted ({exc or 'SIGINT'}): every process it started is stopped",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 130
+def spread(values: list[float]) -> dict[str, float]:
+    """A figure over the runs: its median, min and max."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def environment(
-    load_before: tuple[float, ...], load_after: tuple[float, ...], seconds: float | None = None
-) -> dict[str, Any]:
-    """What the run saw: versions, CPUs and the machine's load (``os.getloadavg()``)."""
-    found = {
-        "python": platform.python_version(),
-        "celery": importlib.import_module("celery").__version__,
-        "kombu": importlib.import_module("kombu").__version__,
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average_1m_before": load_before[0],
-        "load_average_1m_after": load_after[0],
-    }
-    return found if seconds is None else {**found, "seconds": seconds}
+def wait_until(
+    predicate: Callable[[], object], timeout: float, what: str, proc: Any = None
+) -> None:
+    """Poll ``predicate`` every :data:`POLL_SECONDS` until it holds; ``TimeoutError``
+    after ``timeout`` seconds, ``RuntimeError`` at once if the worker ``proc`` exits."""
+
+    def holds() -> bool:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the worker exited ({proc.returncode})")
+        return bool(predicate())
+
+    wait_for(holds, timeout, POLL_SECONDS, what, error=TimeoutError)
 
 
 def publish(app: Any, task_name: str, args: tuple[Any, ...], total: int, queue: str) -> float:
@@ -118,16 +83,11 @@ def wait_for_tally(
 
     ``alive``, when given, is a worker process that must not exit meanwhile.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        tally = read_tally(rds, key)
-        if tally.done >= total:
-            return tally
-        if alive is not None and alive.poll() is not None:
-            raise RuntimeError(f"{key}: the worker exited ({alive.returncode}) at {tally.done}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{key}: {tally.done} of {total} inputs within {timeout}s")
-        time.sleep(POLL_SECONDS)
+    try:
+        wait_until(lambda: read_tally(rds, key).done >= total, timeout, f"{key}", alive)
+    except (TimeoutError, RuntimeError) as exc:
+        raise type(exc)(f"{exc}, at {read_tally(rds, key).done} of {total} inputs") from None
+    return read_tally(rds, key)
 
 
 class ProcessSampler:

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,97 +150,114 @@ def main(argv: list[str] | None = None) -> int:
         return NO_TORCH_EXIT
     _say(f"detected {len(devices)} GPU(s): {', '.join(map(str, devices))}")
 
-    from celery_concurrent.cli import collect_status
-    from devkit.servers import RedisServer
-    from tests.support import Workers
-
-    redis_server = RedisServer()
-    logdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    workers = Workers(redis_server.url, logdir)
-    os.environ["CELERY_BROKER_URL"] = redis_server.url
-    app.conf.broker_url = app.conf.result_backend = redis_server.url
-    try:
-        redis_server.start()
-        node = workers.start(
-            APP, "-c", "1", "-n", NODE, "--concurrent-functions", FUNCTION, ready_timeout=120
-        )
-        inputs = len(devices) * INPUTS_PER_CONTAINER * args.rounds
-        started = time.monotonic()
-        result = group(matmul.s() for _ in range(inputs)).apply_async()
-        given: dict[str, list[str]] = {}
-        most = 0
-
-        def read_status() -> bool:
-            """Note what the node says; whether it answered."""
-            nonlocal most
-            for row in collect_status(app, timeout=1.0):
-                if row["function"] == FUNCTION and row["nodes"]:
-                    most = max(most, row["containers"] + row["retiring"])
-                    given.update(row.get("gpu_devices") or {})
-                    return True
-            return False
-
-        while not result.ready():
-            read_status()
-            if node.poll() is not None:
-                raise RuntimeError(f"the node exited:\n{workers.log_of(node)[-3000:]}")
-            if time.monotonic() - started > args.timeout:
-                raise TimeoutError(
-                    f"the inputs did not finish within {args.timeout:g} s:\n"
-                    f"{workers.log_of(node)[-3000:]}"
-                )
-        answers = result.get(timeout=60)
-        # The containers are still warm (container_idle_timeout=30): ask what they hold.
-        for _ in range(5):
-            if read_status():
-                break
-        detected = {d.id: {"name": d.name, "uuid": d.uuid} for d in devices}
-        problems = analyse(answers, given, detected)
-        if most > len(devices):
-            problems.append(f"{most} containers at once on {len(devices)} GPU(s)")
-        containers: dict[str, dict[str, Any]] = {}
-        for answer in answers:
-            entry = containers.setdefault(
-                answer["container"],
-                {
-                    "given": given.get(answer["container"]),
-                    "cuda_visible_devices": answer["cuda_visible_devices"],
-                    "device_count": answer["device_count"],
-                    "device_name": answer["device_name"],
-                    "device_uuid": answer["device_uuid"],
-                    "inputs": 0,
-                },
-            )
-            entry["inputs"] += 1
-        report = {
-            "detected": [str(d) for d in devices],
-            "inputs": inputs,
-            "seconds": round(time.monotonic() - started, 2),
-            "most_containers_at_once": most,
-            "containers": containers,
-            "problems": problems,
-            "ok": not problems,
-            "node_log_tail": workers.log_of(node)[-2000:],
-        }
-    finally:
-        try:
-            workers.stop_all()
-        finally:
-            redis_server.stop()
-            shutil.rmtree(logdir, ignore_errors=True)
+    report = check(devices, len(devices) * INPUTS_PER_CONTAINER * args.rounds, args.timeout)
     text = json.dumps(report, indent=2, sort_keys=True)
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")
-    _say("OK" if report["ok"] else f"FAILED: {'; '.join(problems)}")
+    _say("OK" if report["ok"] else f"FAILED: {'; '.join(report['problems'])}")
     return 0 if report["ok"] else 1
+
+
+def check(devices: Sequence[Any], inputs: int, timeout: float) -> dict[str, Any]:
+    """Run ``inputs`` on a node of this machine's GPUs; the report of what each saw."""
+    from devkit.servers import RedisServer
+    from devkit.workers import Workers
+
+    redis_server = RedisServer()
+    logdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    os.environ["CELERY_BROKER_URL"] = redis_server.url
+    app.conf.broker_url = app.conf.result_backend = redis_server.url
+    try:
+        with Workers(redis_server.url, logdir) as workers:
+            redis_server.start()
+            args = ("-c", "1", "-n", NODE, "--concurrent-functions", FUNCTION)
+            node = workers.start(APP, *args, ready_timeout=120)
+            started = time.monotonic()
+            answers, given, most = run_inputs(workers, node, inputs, timeout)
+            detected = {d.id: {"name": d.name, "uuid": d.uuid} for d in devices}
+            problems = analyse(answers, given, detected)
+            if most > len(devices):
+                problems.append(f"{most} containers at once on {len(devices)} GPU(s)")
+            return {
+                "detected": [str(d) for d in devices],
+                "inputs": inputs,
+                "seconds": round(time.monotonic() - started, 2),
+                "most_containers_at_once": most,
+                "containers": containers_seen(answers, given),
+                "problems": problems,
+                "ok": not problems,
+                "node_log_tail": workers.tail(node, 2000),
+            }
+    finally:
+        redis_server.stop()
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+def run_inputs(
+    workers: Any, node: Any, inputs: int, timeout: float
+) -> tuple[list[dict[str, Any]], dict[str, list[str]], int]:
+    """Send the inputs and watch the node's status meanwhile: the inputs' answers, the
+    devices the node gave each container, and the most containers it ran at once."""
+    from celery_concurrent.cli import collect_status
+
+    started = time.monotonic()
+    result = group(matmul.s() for _ in range(inputs)).apply_async()
+    given: dict[str, list[str]] = {}
+    most = 0
+
+    def read_status() -> bool:
+        """Note what the node says; whether it answered."""
+        nonlocal most
+        for row in collect_status(app, timeout=1.0):
+            if row["function"] == FUNCTION and row["nodes"]:
+                most = max(most, row["containers"] + row["retiring"])
+                given.update(row.get("gpu_devices") or {})
+                return True
+        return False
+
+    while not result.ready():
+        read_status()
+        if node.poll() is not None:
+            raise RuntimeError(f"the node exited:\n{workers.tail(node)}")
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(
+                f"the inputs did not finish within {timeout:g} s:\n{workers.tail(node)}"
+            )
+    answers = result.get(timeout=60)
+    # The containers are still warm (container_idle_timeout=30): ask what they hold.
+    for _ in range(5):
+        if read_status():
+            break
+    return answers, given, most
+
+
+def containers_seen(
+    answers: list[dict[str, Any]], given: dict[str, list[str]]
+) -> dict[str, dict[str, Any]]:
+    """Per container: the devices it was given and saw, and how many inputs it ran."""
+    containers: dict[str, dict[str, Any]] = {}
+    for answer in answers:
+        entry = containers.setdefault(
+            answer["container"],
+            {
+                "given": given.get(answer["container"]),
+                "cuda_visible_devices": answer["cuda_visible_devices"],
+                "device_count": answer["device_count"],
+                "device_name": answer["device_name"],
+                "device_uuid": answer["device_uuid"],
+                "inputs": 0,
+            },
+        )
+        entry["inputs"] += 1
+    return containers
 
 
 if __name__ == "__main__":
     # Run main() of the module under its importable name: the task must be
     # benchmarks.gpu_check.matmul here as in the node, not __main__.matmul.
     # A SIGTERM (from `timeout`, say) or Ctrl-C still stops the node and Redis in `finally`.
-    from benchmarks.common import run_main
     from benchmarks.gpu_check import main as checked_main
+    from benchmarks.scenario import run_main
 
     sys.exit(run_main(checked_main))

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import run_main
-from tests.support import ROOT, stop_process
+from benchmarks.scenario import RESULTS, run_main
+from devkit import ROOT
+from devkit.servers import stop_process
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: how long a scenario stopped for its time may take to stop its own processes
 STOP_GRACE_SECONDS = 30.0
 

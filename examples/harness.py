@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
@@ -34,10 +33,11 @@ from kombu.utils.url import maybe_sanitize_url
 
 from celery_concurrent import specs_of
 from celery_concurrent.cli import collect_status
-from devkit.servers import FlowerServer, RedisServer, embedded_redis_binary, stop_process
+from devkit import ROOT
+from devkit.servers import FlowerServer, RedisServer, embedded_redis_binary
 from devkit.waiting import wait_for
+from devkit.workers import Workers
 
-ROOT = Path(__file__).resolve().parent.parent
 REDIS_SCHEMES = ("redis", "rediss")
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 #: how long a stopping node may take to drain its containers before it is killed
@@ -71,9 +71,8 @@ class Stack:
         self.result_backend = ""
         self.redis: RedisServer | None = None
         self.flower: FlowerServer | None = None
-        self.nodes: list[subprocess.Popen[bytes]] = []
         self.logdir = Path(tempfile.mkdtemp(prefix="celery-concurrent-example-"))
-        self._logs: dict[int, Path] = {}
+        self._nodes: Workers | None = None
         self._handlers: dict[int, Any] = {}
         self._environ = {key: os.environ.get(key) for key in BROKER_ENV}
 
@@ -96,7 +95,8 @@ class Stack:
         self.close()
 
     def close(self) -> None:
-        """Stop every process, newest first; Ctrl-C or SIGTERM meanwhile skip the grace period."""
+        """Stop Flower, the nodes (at once), then the Redis; Ctrl-C or SIGTERM meanwhile
+        skip the nodes' grace period."""
         hurry = threading.Event()
         if _in_main_thread():
             for signum in STOP_SIGNALS:
@@ -105,8 +105,8 @@ class Stack:
         try:
             if self.flower is not None:
                 self.flower.stop()
-            while self.nodes:
-                stop_node(self.nodes.pop(), NODE_STOP_GRACE, hurry)
+            if self._nodes is not None:
+                self._nodes.stop_all(NODE_STOP_GRACE, drain=True, hurry=hurry)
             if self.redis is not None:
                 self.redis.stop()
         finally:
@@ -141,6 +141,7 @@ class Stack:
         # every node, container and Flower started from it.
         os.environ["CELERY_BROKER_URL"] = self.broker_url
         os.environ["CELERY_RESULT_BACKEND"] = self.result_backend
+        self._nodes = Workers(self.broker_url, self.logdir)
 
     @property
     def embedded_broker(self) -> bool:
@@ -177,56 +178,31 @@ class Stack:
 
     # -- nodes and Flower ------------------------------------------------------------
 
-    def env(self) -> dict[str, str]:
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    @property
+    def nodes(self) -> Workers:
+        """The block's nodes (``celery worker`` processes); there once the broker is."""
+        assert self._nodes is not None, "the block has not started"
+        return self._nodes
 
     def start_node(
         self, *args: str, app: str | None = None, wait: bool = True
     ) -> subprocess.Popen[bytes]:
         """``celery -A APP worker -l INFO ARGS``, its output in a log under :attr:`logdir`."""
-        log = self.logdir / f"node-{len(self._logs)}.log"
-        cmd = [sys.executable, "-m", "celery", "-A", app or self.app, "worker", "-l", "INFO"]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [*cmd, *FAST_START, *args],
-                cwd=ROOT,
-                env=self.env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.nodes.append(proc)
-        self._logs[proc.pid] = log
+        node = self.nodes.start(app or self.app, *FAST_START, *args, wait_ready=False)
         if wait:
-            self.wait_ready(proc)
-        return proc
+            self.wait_ready(node)
+        return node
 
     def stop_node(self, node: subprocess.Popen[bytes]) -> None:
         """Stop one node now (a warm shutdown that drains its containers)."""
-        stop_node(node, NODE_STOP_GRACE, threading.Event())
-        self.nodes.remove(node)
+        self.nodes.stop(node, NODE_STOP_GRACE, drain=True)
 
     def wait_ready(self, node: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
         """Wait for the node's `` ready.`` line; raise with its log's tail if it exits."""
-        deadline = time.monotonic() + timeout
-        while " ready." not in self.log_of(node):
-            if node.poll() is not None:
-                raise ExampleError(f"the node exited ({node.returncode}):\n{self.tail(node)}")
-            if time.monotonic() > deadline:
-                raise ExampleError(
-                    f"the node was not ready within {timeout:.0f}s:\n{self.tail(node)}"
-                )
-            time.sleep(0.05)
+        self.nodes.wait_for_log(node, " ready.", timeout, error=ExampleError)
 
     def log_path(self, node: subprocess.Popen[bytes]) -> Path:
-        return self._logs[node.pid]
-
-    def log_of(self, node: subprocess.Popen[bytes]) -> str:
-        return self.log_path(node).read_text(errors="replace")
-
-    def tail(self, node: subprocess.Popen[bytes], lines: int = 30) -> str:
-        return "\n".join(self.log_of(node).splitlines()[-lines:])
+        return self.nodes.log_path(node)
 
     def start_flower(self, *args: str) -> FlowerServer:
         """``celery flower`` on a free loopback port."""
@@ -235,7 +211,7 @@ class Stack:
             self.broker_url,
             *args,
             cwd=str(ROOT),
-            env=self.env(),
+            env=self.nodes.env(),
             log_path=str(self.logdir / "flower.log"),
         )
         try:
@@ -277,21 +253,6 @@ def report(
     if as_json:
         print(json.dumps(data, default=str))
     return 0
-
-
-def stop_node(node: subprocess.Popen[bytes], grace: float, hurry: threading.Event) -> None:
-    """A warm shutdown (SIGTERM to the node alone, which drains its containers), then SIGKILL.
-
-    Signalling the node alone, not its process group, lets its supervisor retire each
-    container in turn; whatever is left after ``grace`` seconds is killed with the group.
-    """
-    if node.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(node.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while node.poll() is None and time.monotonic() < deadline and not hurry.is_set():
-            time.sleep(0.05)
-    stop_process(node, grace=2.0)
 
 
 def status_rows(app: Any, timeout: float = 0.3) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Every benchmark and example stops what it started, however it ends: here, one of each
 (``bench_burst``, ``make demo``) interrupted half-way by Ctrl-C (SIGINT) or by SIGTERM
 (``timeout``, ``kill``, run_all). The examples share the demo's harness
-(:class:`examples.harness.Stack`), the benchmarks ``benchmarks.common.run_main``.
+(:class:`examples.harness.Stack`), the benchmarks theirs (:mod:`benchmarks.scenario`), and
+both start their workers with :class:`devkit.workers.Workers`.
 
 Each runs as a subprocess in a session of its own, as from a terminal. Its workers, nodes
 and Redis run in sessions of their own too, which no signal to it reaches: only its own
