@@ -167,3 +167,75 @@ def test_a_lost_nodes_inputs_complete_within_a_minute(cluster):
     runs = cluster.runs(ids)
     assert min(runs.values()) >= 1
     assert int(cluster.rds.get("peak") or 0) <= 3  # the bound held after the loss too
+
+
+def test_an_input_longer_than_visibility_timeout_runs_exactly_once(cluster):
+    from .apps import cluster as app_module
+
+    # kombu would hand it to another container after 3 s; its holder renews it instead.
+    env = {"CC_VISIBILITY_TIMEOUT": "3"}
+    cluster.start("tests.apps.cluster.limited", count=2, env=env)
+    ids = [app_module.limited.delay(9.0).id for _ in range(2)]
+    wait_for(lambda: cluster.completed() >= set(ids), timeout=120, what="both long inputs")
+    # Give a wrong second delivery time to show itself before counting.
+    time.sleep(2)
+    assert cluster.runs(ids) == {i: 1 for i in ids}
+
+
+def test_node_scope_keeps_the_bounds_per_node(cluster):
+    cluster.start("tests.apps.cluster.warm", count=2, env=None)
+    extra = cluster.workers.start(
+        APP,
+        "-n",
+        "n9@%h",
+        "-c",
+        "1",
+        "--without-mingle",
+        "--without-gossip",
+        "--concurrent-functions",
+        "tests.apps.cluster.warm",
+        "--concurrent-scope",
+        "node",
+    )
+    cluster.nodes.append(extra)
+    # The node-scoped node keeps its own warm container beside the cluster's one.
+    wait_for(
+        lambda: live_containers([extra])[extra.pid] == 1 and cluster.containers() == 2,
+        timeout=60,
+        what="one warm container in the cluster and one on the node-scoped node",
+    )
+    leases = ContainerLeases(cluster.rds, "tests.apps.cluster.warm")
+    assert leases.count() == 1
+
+
+def test_a_coordination_redis_that_restarts_empty_gets_its_leases_back_and_the_bound_holds(
+    cluster, tmp_path
+):
+    from devkit.servers import RedisServer
+
+    from .apps import cluster as app_module
+
+    coordination = RedisServer().start()
+    try:
+        env = {"CC_COORDINATION_URL": coordination.url}
+        cluster.start("tests.apps.cluster.limited", env=env)
+        ids = [app_module.limited.delay(1.5).id for _ in range(60)]
+        leases = ContainerLeases(coordination.client(), "tests.apps.cluster.limited")
+        wait_for(lambda: leases.count() == 3, timeout=60, what="three leased containers")
+        # It restarts without its data (no persistence): every lease is gone at once.
+        assert coordination.proc is not None
+        coordination.proc.kill()
+        coordination.proc.wait(10)
+        time.sleep(1)
+        coordination.start()
+        wait_for(
+            lambda: any("taken again" in cluster.workers.log_of(n) for n in cluster.nodes),
+            timeout=60,
+            what="a node to take its containers' leases again",
+        )
+        wait_for(lambda: leases.count() == 3, timeout=60, what="the leases taken again")
+        wait_for(lambda: cluster.completed() >= set(ids), timeout=180, what="every input")
+        assert int(cluster.rds.get("peak") or 0) <= 3
+        assert min(cluster.runs(ids).values()) == 1
+    finally:
+        coordination.stop()

@@ -129,6 +129,8 @@ class ClusterScope:
         self._renewed_at = time.monotonic()
         self._next_renewal = 0.0
         self._unreachable_since: float | None = None
+        #: no new container before this: after an outage the holders take theirs first
+        self._starts_held_until = 0.0
         self.swept = 0
 
     # -- what the policy sees ----------------------------------------------------------
@@ -170,6 +172,8 @@ class ClusterScope:
 
     def admit(self, pool: FunctionPool, ident: str, limit: int | None) -> bool:
         """Take the lease a new container needs before it starts; ``False``: do not start."""
+        if time.monotonic() < self._starts_held_until:
+            return False
         member = self.member(pool.spec, ident)
         try:
             admitted = self.leases(pool.spec.name).acquire(
@@ -315,6 +319,10 @@ class ClusterScope:
     def _reached(self) -> None:
         if self._unreachable_since is not None:
             self._unreachable_since = None
+            # Redis may have restarted without its data: the running containers take
+            # their leases again (now), before any node starts new ones in their place.
+            self._next_renewal = 0.0
+            self._starts_held_until = time.monotonic() + self.renew_interval
             logger.warning("celery-concurrent: coordination Redis reachable again")
 
 

@@ -24,6 +24,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     result_expires=600,
 )
+if os.environ.get("CC_COORDINATION_URL"):
+    app.conf.concurrent_coordination_url = os.environ["CC_COORDINATION_URL"]
 if os.environ.get("CC_VISIBILITY_TIMEOUT"):
     app.conf.broker_transport_options = {
         "visibility_timeout": float(os.environ["CC_VISIBILITY_TIMEOUT"]),
