@@ -7,8 +7,11 @@ condition, with margins that hold on a loaded machine.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,7 +21,7 @@ import redis
 
 from celery_concurrent.leases import DEFAULT_TTL_S, ContainerLeases
 
-from .support import Workers, containers_of, wait_for
+from .support import Workers, containers_of, free_port, wait_for
 
 APP = "tests.apps.cluster"
 NODES = 3
@@ -239,3 +242,103 @@ def test_a_coordination_redis_that_restarts_empty_gets_its_leases_back_and_the_b
         assert min(cluster.runs(ids).values()) == 1
     finally:
         coordination.stop()
+
+
+class TcpProxy:
+    """A TCP relay to a server that a test can cut: a node's whole network path to it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._server: socket.socket | None = None
+        self.open()
+
+    def open(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Close every connection and refuse new ones: the path is gone."""
+        with self._lock:
+            server, self._server = self._server, None
+            doomed, self._sockets = self._sockets, []
+        for sock in [server, *doomed]:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                if self._server is not server:
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def test_a_node_cut_off_from_redis_stops_taking_inputs_and_its_share_goes_to_the_others(
+    cluster, redis_server
+):
+    from .apps import cluster as app_module
+
+    proxy = TcpProxy(redis_server.port)
+    try:
+        cut_off = {
+            "CELERY_BROKER_URL": f"redis://127.0.0.1:{proxy.port}/0",
+            "CC_STORE_URL": redis_server.url,
+        }
+        # The cut-off node starts first and takes every lease.
+        (island,) = cluster.start("tests.apps.cluster.limited", count=1, env=cut_off)
+        ids = [app_module.limited.delay(1.0).id for _ in range(90)]
+        wait_for(lambda: live_containers([island])[island.pid] == 3, timeout=60, what="3 on it")
+        cluster.start("tests.apps.cluster.limited", count=2)
+        proxy.cut()
+        cut_at = time.monotonic()
+        leases = ContainerLeases(cluster.rds, "tests.apps.cluster.limited")
+
+        def others_hold_the_limit() -> bool:
+            members = leases.live()
+            return len(members) == 3 and not any("-n1-" in m for m in members)
+
+        # Its leases lapse within a TTL; the others take the limit and the rest of the work.
+        wait_for(others_hold_the_limit, timeout=DEFAULT_TTL_S + 60, what="the others' leases")
+        assert time.monotonic() - cut_at >= DEFAULT_TTL_S / 2  # not before its leases lapsed
+        wait_for(lambda: cluster.completed() >= set(ids), timeout=180, what="every input")
+        assert int(cluster.rds.get("peak") or 0) <= 3
+        assert "cut off from the coordination Redis" in cluster.workers.log_of(island)
+
+        # It comes back: it must not run over the limit the others hold.
+        proxy.open()
+        wait_for(
+            lambda: "reachable again" in cluster.workers.log_of(island),
+            timeout=60,
+            what="the island to reach Redis again",
+        )
+        more = [app_module.limited.delay(1.0).id for _ in range(30)]
+        wait_for(lambda: cluster.completed() >= set(more), timeout=180, what="the second burst")
+        assert int(cluster.rds.get("peak") or 0) <= 3
+    finally:
+        proxy.cut()
