@@ -6,9 +6,9 @@ nothing but Python. A Redis URL there serves as both. With a RabbitMQ URL the re
 go to ``CELERY_RESULT_BACKEND`` or, without one, to an embedded Redis.
 
 Ctrl-C (SIGINT), SIGTERM and SIGHUP (a closed terminal) end an example at once: the
-block's exit stops every node (a warm shutdown that drains its containers, then SIGKILL
-for the process group after a grace period), Flower and the embedded Redis, in that
-order. A second Ctrl-C skips the grace period.
+block's exit stops Flower, then every node at once (a warm shutdown that drains its
+containers, then SIGKILL for the process group after a grace period), then the embedded
+Redis. A second Ctrl-C skips the grace period.
 """
 
 from __future__ import annotations
