@@ -26,6 +26,7 @@ COLUMNS = (
     ("function", "FUNCTION"),
     ("queue", "QUEUE"),
     ("containers_text", "CONTAINERS (run/min/max)"),
+    ("scope", "SCOPE"),
     ("in_flight", "IN FLIGHT"),
     ("backlog", "BACKLOG"),
     ("capacity", "CAPACITY"),
@@ -91,7 +92,39 @@ def errors_of(row: dict[str, Any]) -> str:
         notes.append(f"crash loop ({row.get('crashes', 0)} crashes)")
     if row.get("error"):
         notes.append(str(row["error"]))
+    if row.get("spec_conflict"):
+        notes.append("nodes run it with different settings: the strictest bound holds")
+    if row.get("coordination_reachable") is False:
+        notes.append("a node cannot reach the coordination Redis")
     return "; ".join(notes) or "-"
+
+
+#: the columns of ``status --nodes``: one row per node under each function
+NODE_COLUMNS = (
+    ("function", "FUNCTION / NODE"),
+    ("containers_text", "CONTAINERS (run/min/max)"),
+    ("scope", "SCOPE"),
+    ("in_flight", "IN FLIGHT"),
+    ("pids", "PIDS"),
+)
+
+
+def node_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each function's row, then one row per node that serves it (``status --nodes``)."""
+    out = []
+    for row in rows:
+        out.append({**row, "pids": ",".join(map(str, row.get("pids") or [])) or "-"})
+        for nodename, view in sorted((row.get("per_node") or {}).items()):
+            out.append(
+                {
+                    **row,
+                    **view,
+                    "function": f"  {nodename}",
+                    "backlog": row.get("backlog"),
+                    "pids": ",".join(map(str, view.get("pids") or [])) or "-",
+                }
+            )
+    return out
 
 
 def render_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...] = COLUMNS) -> str:
@@ -103,6 +136,7 @@ def render_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...
         view = {
             **row,
             "containers_text": f"{row['containers']}/{row['min_containers']}/{maximum}",
+            "scope": row.get("scope") if row.get("nodes") else "-",
             "backlog": "?" if row["backlog"] is None else row["backlog"],
             "last_event": error or row.get("last_event") or "-",
             "utilisation": utilisation(row),
@@ -170,6 +204,13 @@ def concurrent(ctx: click.Context) -> None:
     default=None,
     help="With --watch: stop after this many refreshes.",
 )
+@click.option(
+    "--nodes",
+    "by_node",
+    is_flag=True,
+    help="Under each function, one row per node that serves it, with its pids. "
+    "(--json always holds them, in per_node.)",
+)
 @click.pass_context
 def status(
     ctx: click.Context,
@@ -178,8 +219,10 @@ def status(
     watch: bool,
     interval: float,
     count: int | None,
+    by_node: bool,
 ) -> None:
-    """One row per @concurrent function, over every node that answers."""
+    """One row per @concurrent function, over every node that answers: the cluster's
+    totals."""
     app = ctx.obj.app
     if watch:
         _watch(app, 0.5 if timeout is None else timeout, interval, count, as_json)
@@ -187,6 +230,8 @@ def status(
     rows = collect_status(app, 1.0 if timeout is None else timeout)
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True, default=str))
+    elif by_node:
+        click.echo(render_table(node_rows(rows), NODE_COLUMNS))
     else:
         click.echo(render_table(rows))
 

@@ -78,6 +78,11 @@ class FunctionStatus:
     spec_conflict: bool = False
     #: the node can reach the Redis that holds the leases (cluster scope)
     coordination_reachable: bool = True
+    #: containers that lost their lease (cut off from Redis, or the limit taken by
+    #: others after a Redis restart) and drained
+    leases_lost: int = 0
+    #: inputs of lost nodes that were given back to the queue (cluster scope)
+    swept: int = 0
 
     @classmethod
     def unserved(cls, spec: FunctionSpec) -> FunctionStatus:
@@ -138,6 +143,8 @@ SUMMED = (
     "recycles",
     "scale_ups",
     "scale_downs",
+    "leases_lost",
+    "swept",
 )
 
 

@@ -11,6 +11,7 @@ import contextlib
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import redis
 
 from celery_concurrent.leases import DEFAULT_TTL_S, ContainerLeases
 
+from . import support
 from .support import Workers, containers_of, free_port, wait_for
 
 APP = "tests.apps.cluster"
@@ -108,6 +110,23 @@ def test_keep_warm_is_one_container_over_three_nodes_and_again_after_its_node_di
         assert cluster.containers() == 1
         time.sleep(0.2)
     assert leases.count() == 1
+    # Status shows the cluster's totals, and each node under them.
+    from .apps import cluster as app_module
+
+    row = support.row(app_module, "tests.apps.cluster.warm")
+    assert (row["containers"], row["scope"], row["cluster_containers"]) == (1, "cluster", 1)
+    assert len(row["nodes"]) == NODES and len(row["pids"]) == 1
+    shown = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", APP, "concurrent", "status", "--nodes"],
+        env=cluster.workers.env(),
+        cwd=support.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "1/1/3" in shown and "cluster" in shown, shown
+    assert all(f"n{i}@" in shown for i in range(1, NODES + 1)), shown
 
     cluster.kill_node(cluster.holder_of("warm"))
     # Its lease lapses within a TTL; one of the two others starts the warm container.

@@ -92,7 +92,7 @@ class ClusterScope:
         Gives back the inputs on the given routing keys that no one renewed for the
         given seconds (``Redelivery.sweep``); ``None`` when the broker needs no sweep.
     routing_keys:
-        The routing keys of the functions' queues, to sweep.
+        The routing key of each function's queue (by function name), to sweep.
     ttl:
         Seconds a lease lives unless renewed; renewed every third of it.
     """
@@ -107,7 +107,7 @@ class ClusterScope:
         hostname: str,
         *,
         sweep: Callable[[Iterable[str], float], int | None] | None = None,
-        routing_keys: Iterable[str] = (),
+        routing_keys: Mapping[str, str] | None = None,
         ttl: float = DEFAULT_TTL_S,
     ) -> None:
         import redis
@@ -117,7 +117,7 @@ class ClusterScope:
         self.nodename = nodename
         self.hostname = hostname
         self.sweep = sweep
-        self.routing_keys = tuple(routing_keys)
+        self.routing_keys = dict(routing_keys or {})
         self.ttl = ttl
         self.renew_interval = ttl / 3
         self._errors = (redis.RedisError, OSError)
@@ -131,7 +131,10 @@ class ClusterScope:
         self._unreachable_since: float | None = None
         #: no new container before this: after an outage the holders take theirs first
         self._starts_held_until = 0.0
-        self.swept = 0
+        #: by function: inputs of lost nodes this node gave back, containers that lost
+        #: their lease and drained
+        self.swept: dict[str, int] = {}
+        self.lost: dict[str, int] = {}
 
     # -- what the policy sees ----------------------------------------------------------
 
@@ -226,10 +229,13 @@ class ClusterScope:
             cut_off = self._leased(pools)
             for pool, ident in cut_off:
                 self._held.discard(self.member(pool.spec, ident))
+                self.lost[pool.spec.name] = self.lost.get(pool.spec.name, 0) + 1
             return [(pool, ident, "cut off from the coordination Redis") for pool, ident in cut_off]
         self._renewed_at = time.monotonic()
         self._reached()
         self._sweep()
+        for pool, _, _ in lost:
+            self.lost[pool.spec.name] = self.lost.get(pool.spec.name, 0) + 1
         return lost
 
     def _renew_pool(self, pool: FunctionPool, now: float) -> list[Lost]:
@@ -262,14 +268,15 @@ class ClusterScope:
         ]
 
     def _sweep(self) -> None:
-        if self.sweep is None or not self.routing_keys:
+        if self.sweep is None:
             return
-        restored = self.sweep(self.routing_keys, self.ttl)
-        if restored:
-            self.swept += restored
-            logger.warning(
-                "celery-concurrent: put %d input(s) of a lost node back in their queue", restored
-            )
+        for function, routing_key in self.routing_keys.items():
+            restored = self.sweep([routing_key], self.ttl)
+            if restored:
+                self.swept[function] = self.swept.get(function, 0) + restored
+                logger.warning(
+                    "%s: put %d input(s) of a lost node back in the queue", function, restored
+                )
 
     # -- what status shows -------------------------------------------------------------
 
@@ -282,6 +289,8 @@ class ClusterScope:
             "cluster_containers": len(others) + pool.live + len(pool.retiring),
             "spec_conflict": any(load.spec_digest != mine for load in others.values()),
             "coordination_reachable": self._unreachable_since is None,
+            "leases_lost": self.lost.get(pool.spec.name, 0),
+            "swept": self.swept.get(pool.spec.name, 0),
         }
 
     def leases(self, function: str) -> ContainerLeases:

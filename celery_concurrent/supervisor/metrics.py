@@ -1,9 +1,10 @@
 """An opt-in Prometheus endpoint on the node: ``celery worker --concurrent-metrics-port``.
 
-Every metric is named ``celery_concurrent_*`` and labelled ``function`` (the task name)
-and ``node`` (the supervising node, ``celery@host``). The values are read from the
-supervisor when Prometheus scrapes, so the endpoint costs nothing between scrapes and
-never disagrees with ``celery concurrent status``.
+Every metric is named ``celery_concurrent_*`` and labelled ``function`` (the task name),
+``node`` (the supervising node, ``celery@host``) and ``scope`` (``cluster`` when the
+function's bounds hold over every node, ``node`` when they hold on each node alone). The
+values are read from the supervisor when Prometheus scrapes, so the endpoint costs
+nothing between scrapes and never disagrees with ``celery concurrent status``.
 
 =========================================== ========= =====================================
 metric                                      type      meaning
@@ -17,6 +18,10 @@ metric                                      type      meaning
 ``celery_concurrent_scale_ups_total``       counter   decisions that added containers
 ``celery_concurrent_scale_downs_total``     counter   decisions that retired containers
 ``celery_concurrent_crashes_total``         counter   containers that exited unasked
+``celery_concurrent_cluster_containers``    gauge     the function's containers over every
+                                                      node, by their leases (cluster scope)
+``celery_concurrent_leases_lost_total``     counter   containers drained: their lease was lost
+``celery_concurrent_swept_total``           counter   inputs of lost nodes given back
 ``celery_concurrent_cold_start_seconds``    histogram start of a container to its first
                                                       ready report
 =========================================== ========= =====================================
@@ -43,7 +48,7 @@ from .supervisor import Supervisor
 logger = get_logger(__name__)
 
 PREFIX = "celery_concurrent_"
-LABELS = ("function", "node")
+LABELS = ("function", "node", "scope")
 
 #: gauge name -> (status row key, help)
 GAUGES = {
@@ -56,6 +61,10 @@ GAUGES = {
         "max_containers",
         "The most containers of the function: max_containers, else the node's bound.",
     ),
+    "cluster_containers": (
+        "cluster_containers",
+        "The function's containers over every node, by their leases (cluster scope).",
+    ),
 }
 #: counter name -> (status row key, help)
 COUNTERS = {
@@ -63,6 +72,8 @@ COUNTERS = {
     "scale_downs": ("scale_downs", "Scaling decisions that retired containers."),
     "crashes": ("crashes", "Containers that exited without being asked to."),
     "recycles": ("recycles", "Containers replaced because an input overran its time_limit."),
+    "leases_lost": ("leases_lost", "Containers drained because their lease was lost."),
+    "swept": ("swept", "Inputs of lost nodes this node gave back to the queue."),
 }
 
 
@@ -91,7 +102,7 @@ class SupervisorCollector(Collector):
             labels=LABELS,
         )
         for row in rows:
-            labels = [row["function"], self.node]
+            labels = [row["function"], self.node, row.get("scope") or "node"]
             for name, (key, _) in GAUGES.items():
                 value = row.get(key)
                 if key == "max_containers" and value is None:

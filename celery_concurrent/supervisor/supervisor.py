@@ -370,10 +370,10 @@ def make_scope(
             URL_SETTING,
         )
         return NodeScope()
-    routing_keys = []
+    routing_keys = {}
     for spec in specs:
         declare_queue(app, spec.queue)
-        routing_keys.append(app.amqp.queues[spec.queue].routing_key or spec.queue)
+        routing_keys[spec.name] = app.amqp.queues[spec.queue].routing_key or spec.queue
     logger.info("celery-concurrent: bounds hold over the cluster (leases in %s)", store.source)
     return ClusterScope(
         store.client(),
