@@ -50,14 +50,22 @@ class CoordinationStore:
     prefix: str = DEFAULT_PREFIX
 
     def client(self) -> redis.Redis:
-        """A plain client (no key prefixing) whose calls fail within a second."""
+        """A plain client (no key prefixing) whose calls fail within a second.
+
+        No retries: redis-py's default retries a refused connection with back-off for
+        seconds, and a supervisor's turn must not stall while Redis is away (the next
+        turn asks again).
+        """
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         return redis.Redis.from_url(
             self.url,
             socket_timeout=COORDINATION_SOCKET_TIMEOUT,
             socket_connect_timeout=COORDINATION_SOCKET_TIMEOUT,
             health_check_interval=30,
+            retry=Retry(NoBackoff(), 0),
         )
 
 

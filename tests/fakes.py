@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery_concurrent import FunctionSpec
 from celery_concurrent.contract import LoadReport
@@ -115,8 +116,10 @@ def fake_node(
     node_max_containers: int = 16,
     drain_timeout: float = 300.0,
     nodename: str = "celery@host",
+    scope: Any = None,
 ) -> Iterator[FakeNode]:
-    """A supervisor of ``specs`` with fakes around it, torn down at the end."""
+    """A supervisor of ``specs`` with fakes around it, torn down at the end; ``scope`` is
+    where its bounds hold (a real ``ClusterScope`` on a test's Redis, say)."""
     settings = SupervisorSettings(
         app_ref="proj:app",
         hostname="host",
@@ -133,6 +136,7 @@ def fake_node(
         probe=node.probe,
         redelivery=node.redelivery,
         inbox=ReportInbox(),
+        scope=scope,
     )
     try:
         yield node

@@ -221,6 +221,8 @@ class ClusterScope:
         try:
             for pool in pools.values():
                 lost.extend(self._renew_pool(pool, now))
+            if not self._held:
+                self.client.ping()  # nothing to renew: still find out whether Redis is there
         except self._errors as exc:
             self._failed(exc)
             if time.monotonic() - self._renewed_at <= self.ttl:
