@@ -21,8 +21,8 @@ The TTL trade-off
 -----------------
 :data:`DEFAULT_TTL_S` is 10 s, renewed every :data:`RENEW_INTERVAL_S` (a third of it),
 so two renewals in a row may fail before the lease lapses. A shorter TTL lets the
-cluster replace a dead node's containers (and, with :mod:`.held_leases`, re-deliver its
-inputs) sooner, but costs more Redis calls per container, and a live holder that a GC
+cluster replace a dead node's containers (and, with :mod:`.held_messages`, re-deliver
+its inputs) sooner, but costs more Redis calls per container, and a live holder that a GC
 pause, a swapping host or an overloaded Redis keeps from renewing for one TTL loses its
 lease while it still runs. Seconds, not minutes: a dead node's share of
 ``max_containers`` comes back within about 10 s.
