@@ -157,19 +157,7 @@ class ClusterScope:
 
     def bounds(self, spec: FunctionSpec) -> FunctionSpec:
         """``spec`` with the strictest ``max_containers`` any node holding a lease has."""
-        limits = [
-            load.max_containers
-            for load in self._seen.get(spec.name, {}).values()
-            if load.max_containers is not None
-        ]
-        if spec.max_containers is not None:
-            limits.append(spec.max_containers)
-        if not limits or min(limits) == spec.max_containers:
-            return spec
-        strictest = min(limits)
-        return spec.with_bounds(
-            max_containers=strictest, min_containers=min(spec.min_containers, strictest)
-        )
+        return strictest(spec, self._seen.get(spec.name, {}).values())
 
     # -- a container's lease -----------------------------------------------------------
 
@@ -180,7 +168,7 @@ class ClusterScope:
         member = self.member(pool.spec, ident)
         try:
             admitted = self.leases(pool.spec.name).acquire(
-                member, limit, self.ttl, self._load(pool, ident, None, draining=False)
+                member, limit, self.ttl, container_load(self.nodename, pool, None, draining=False)
             )
         except self._errors as exc:
             self._failed(exc)
@@ -248,7 +236,7 @@ class ClusterScope:
             member = self.member(pool.spec, ident)
             if member not in self._held:
                 continue
-            load = self._load(pool, ident, container, draining)
+            load = container_load(self.nodename, pool, container, draining)
             if leases.renew(member, self.ttl, load):
                 continue
             # Lapsed (Redis restarted, or this node was away): take it again if the
@@ -306,22 +294,6 @@ class ClusterScope:
     def close(self) -> None:
         self.client.close()
 
-    def _load(
-        self, pool: FunctionPool, ident: str, container: Container | None, draining: bool
-    ) -> ContainerLoad:
-        report = container.report if container is not None else None
-        in_flight = report.in_flight if report is not None else 0
-        idle_s = 0.0 if report is None or in_flight else max(0.0, time.monotonic() - report.busy_at)
-        return ContainerLoad(
-            node=self.nodename,
-            in_flight=in_flight,
-            idle_s=idle_s,
-            ready=report is not None and report.ready,
-            spec_digest=spec_digest(pool.spec),
-            draining=draining,
-            max_containers=pool.spec.max_containers,
-        )
-
     def _failed(self, exc: BaseException) -> None:
         if self._unreachable_since is None:
             self._unreachable_since = time.monotonic()
@@ -335,6 +307,35 @@ class ClusterScope:
             self._next_renewal = 0.0
             self._starts_held_until = time.monotonic() + self.renew_interval
             logger.warning("celery-concurrent: coordination Redis reachable again")
+
+
+def strictest(spec: FunctionSpec, loads: Iterable[ContainerLoad]) -> FunctionSpec:
+    """``spec`` with the lowest ``max_containers`` of its own and the nodes' ``loads``."""
+    limits = [load.max_containers for load in loads if load.max_containers is not None]
+    if spec.max_containers is not None:
+        limits.append(spec.max_containers)
+    if not limits or min(limits) == spec.max_containers:
+        return spec
+    lowest = min(limits)
+    return spec.with_bounds(max_containers=lowest, min_containers=min(spec.min_containers, lowest))
+
+
+def container_load(
+    nodename: str, pool: FunctionPool, container: Container | None, draining: bool
+) -> ContainerLoad:
+    """What a container of ``pool`` adds to the cluster's demand, for its lease record."""
+    report = container.report if container is not None else None
+    in_flight = report.in_flight if report is not None else 0
+    idle_s = 0.0 if report is None or in_flight else max(0.0, time.monotonic() - report.busy_at)
+    return ContainerLoad(
+        node=nodename,
+        in_flight=in_flight,
+        idle_s=idle_s,
+        ready=report is not None and report.ready,
+        spec_digest=spec_digest(pool.spec),
+        draining=draining,
+        max_containers=pool.spec.max_containers,
+    )
 
 
 def _containers(pool: FunctionPool) -> list[tuple[str, Container, bool]]:
