@@ -139,8 +139,8 @@ return live
 """
 
 _LUA_LOADS = """
--- read only: {now, member, record, member, record, ...} for the live leases
-local out = {now}
+-- read only: {now, live nodes, member, record, member, record, ...} for the live leases
+local out = {now, redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')}
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')) do
   local record = redis.call('HGET', KEYS[2], member)
   if record then
@@ -149,6 +149,16 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
   end
 end
 return out
+"""
+
+
+_LUA_ANNOUNCE = """
+-- KEYS: nodes.  ARGV: node, ttl ms
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
 """
 
 
@@ -250,12 +260,14 @@ class ContainerLeases:
         self.function = function
         self.leases_key = f"{prefix}:leases:{{{function}}}"
         self.loads_key = f"{prefix}:load:{{{function}}}"
+        self.nodes_key = f"{prefix}:nodes:{{{function}}}"
         self._keys = [self.leases_key, self.loads_key]
         self._acquire = register(client, _LUA_ACQUIRE)
         self._renew = register(client, _LUA_RENEW)
         self._release = register(client, _LUA_RELEASE)
         self._live = register(client, _LUA_LIVE)
         self._loads = register(client, _LUA_LOADS)
+        self._announce = register(client, _LUA_ANNOUNCE)
 
     def acquire(
         self,
@@ -335,13 +347,27 @@ class ContainerLeases:
 
         A container that holds a lease without having written a record is left out.
         """
-        now, *flat = self._loads(keys=self._keys)
+        return self.view()[0]
+
+    def view(self) -> tuple[dict[str, ContainerLoad], int]:
+        """:meth:`cluster_load`, and how many nodes serve the function (:meth:`announce`),
+        in one round trip."""
+        now, nodes, *flat = self._loads(keys=[*self._keys, self.nodes_key])
         loads = {}
         for member, raw in zip(flat[::2], flat[1::2], strict=True):
             record = json.loads(raw)
             age_s = max(0.0, (int(now) - int(record["at_ms"])) / 1000)
             loads[decoded(member)] = ContainerLoad.decode(record["load"], age_s=age_s)
-        return loads
+        return loads, int(nodes)
+
+    def announce(self, node: str, ttl: float = DEFAULT_TTL_S) -> None:
+        """Say that ``node`` serves the function (and could place a container of it) for
+        ``ttl`` more seconds: the nodes share a scale-up among those that do."""
+        self._announce(keys=[self.nodes_key], args=[node, ttl_ms(ttl)])
+
+    def withdraw(self, node: str) -> None:
+        """``node`` no longer serves the function (it is stopping)."""
+        self.client.zrem(self.nodes_key, node)
 
 
 def _encoded(load: ContainerLoad | None) -> str:

@@ -82,6 +82,7 @@ def test_idle_containers_retire_over_the_cluster_never_below_keep_warm(rds):
         a.supervisor.turn(0.0)
         b.probe.backlog_of[spec.queue] = 4
         b.supervisor.turn(0.0)
+        b.supervisor.turn(0.05)  # a share of the scale-up per turn
         started = len(a.launcher.processes) + len(b.launcher.processes)
         assert started == 4
         a.probe.backlog_of[spec.queue] = b.probe.backlog_of[spec.queue] = 0
@@ -156,3 +157,28 @@ def test_the_strictest_max_containers_of_any_node_holds(rds):
         b.supervisor.turn(0.1)
         assert len(a.launcher.processes) + len(b.launcher.processes) == 3
         assert b.supervisor.status()[0]["spec_conflict"] is True
+
+
+def test_nodes_that_serve_a_function_share_its_scale_up(rds):
+    with two_nodes(rds, FETCH) as (a, b):
+        for node in (a, b):
+            node.probe.backlog_of[FETCH.queue] = 0
+            node.supervisor.turn(0.0)  # each says it serves the function
+        a.probe.backlog_of[FETCH.queue] = b.probe.backlog_of[FETCH.queue] = 100
+        a.supervisor.turn(0.1)
+        assert len(a.launcher.processes) == 2  # ceil(3 / 2): its share, not all three
+        b.supervisor.turn(0.1)
+        assert len(b.launcher.processes) == 1
+        a.supervisor.turn(0.2)
+        assert len(a.launcher.processes) + len(b.launcher.processes) == 3
+
+
+def test_a_node_that_cannot_place_a_function_does_not_count_as_its_peer(rds):
+    from celery_concurrent.leases import ContainerLeases as Leases
+
+    with two_nodes(rds, FETCH) as (a, b):
+        b.supervisor.devices.placeable = lambda spec: False  # type: ignore[method-assign]
+        for node in (a, b):
+            node.supervisor.turn(0.0)
+        _, peers = Leases(rds, FETCH.name).view()
+        assert peers == 1

@@ -857,3 +857,20 @@ def _forced_set(obs: Observation) -> set[str]:
     over = 0 if obs.spec.max_containers is None else len(obs.everywhere) - obs.spec.max_containers
     over_node = 0 if obs.node_capacity is None else len(obs.containers) - obs.node_capacity
     return {c.ident for c in obs.containers} if max(over, over_node) > 0 else set()
+
+
+@pytest.mark.parametrize(
+    ("peers", "elsewhere", "expected"),
+    [(1, 0, 3), (2, 0, 2), (3, 0, 1), (4, 0, 1), (3, 2, 1), (2, 3, 0)],
+    ids=["alone", "two", "three", "more-peers-than-need", "two-started-elsewhere", "limit-met"],
+)
+def test_each_node_starts_its_share_of_a_scale_up(peers: int, elsewhere: int, expected: int):
+    obs = Observation(
+        spec(concurrency_limit=3),
+        100,
+        (),
+        None,
+        elsewhere=tuple(remote(str(i), 1) for i in range(elsewhere)),
+        peers=peers,
+    )
+    assert decide(obs).start == expected

@@ -58,6 +58,9 @@ class NodeScope:
     def bounds(self, spec: FunctionSpec) -> FunctionSpec:
         return spec
 
+    def peers(self, pool: FunctionPool) -> int:
+        return 1
+
     def admit(self, pool: FunctionPool, ident: str, limit: int | None) -> bool:
         return True
 
@@ -67,7 +70,12 @@ class NodeScope:
     def drop(self, pool: FunctionPool, ident: str) -> None:
         pass
 
-    def maintain(self, pools: Mapping[str, FunctionPool], now: float) -> list[Lost]:
+    def maintain(
+        self,
+        pools: Mapping[str, FunctionPool],
+        now: float,
+        placeable: Callable[[FunctionSpec], bool] = lambda spec: True,
+    ) -> list[Lost]:
         return []
 
     def describe(self, pool: FunctionPool) -> dict[str, Any]:
@@ -126,6 +134,8 @@ class ClusterScope:
         self._held: set[str] = set()
         #: the others' load records, by function, as last read
         self._seen: dict[str, dict[str, ContainerLoad]] = {}
+        #: by function: the nodes that serve it and could place it, this one included
+        self._peers: dict[str, int] = {}
         self._renewed_at = time.monotonic()
         self._next_renewal = 0.0
         self._unreachable_since: float | None = None
@@ -141,11 +151,12 @@ class ClusterScope:
     def elsewhere(self, pool: FunctionPool) -> tuple[ContainerState, ...] | None:
         """The function's containers on other nodes; ``None`` when Redis cannot say."""
         try:
-            loads = self.leases(pool.spec.name).cluster_load()
+            loads, peers = self.leases(pool.spec.name).view()
         except self._errors as exc:
             self._failed(exc)
             return None
         self._reached()
+        self._peers[pool.spec.name] = max(1, peers)
         mine = {self.member(pool.spec, ident) for ident in (*pool.containers, *pool.retiring)}
         others = {member: load for member, load in loads.items() if member not in mine}
         self._seen[pool.spec.name] = others
@@ -158,6 +169,10 @@ class ClusterScope:
     def bounds(self, spec: FunctionSpec) -> FunctionSpec:
         """``spec`` with the strictest ``max_containers`` any node holding a lease has."""
         return strictest(spec, self._seen.get(spec.name, {}).values())
+
+    def peers(self, pool: FunctionPool) -> int:
+        """The nodes that serve the function and could place it, as last read."""
+        return self._peers.get(pool.spec.name, 1)
 
     # -- a container's lease -----------------------------------------------------------
 
@@ -200,17 +215,23 @@ class ClusterScope:
 
     # -- every renew interval ----------------------------------------------------------
 
-    def maintain(self, pools: Mapping[str, FunctionPool], now: float) -> list[Lost]:
-        """Renew the node's leases when due; return the containers that lost theirs."""
+    def maintain(
+        self,
+        pools: Mapping[str, FunctionPool],
+        now: float,
+        placeable: Callable[[FunctionSpec], bool] = lambda spec: True,
+    ) -> list[Lost]:
+        """Renew the node's leases when due, and say which functions the node can place;
+        return the containers that lost their lease."""
         if now < self._next_renewal:
             return []
         self._next_renewal = now + self.renew_interval
         lost: list[Lost] = []
         try:
             for pool in pools.values():
+                if placeable(pool.spec):
+                    self.leases(pool.spec.name).announce(self.nodename, self.ttl)
                 lost.extend(self._renew_pool(pool, now))
-            if not self._held:
-                self.client.ping()  # nothing to renew: still find out whether Redis is there
         except self._errors as exc:
             self._failed(exc)
             if time.monotonic() - self._renewed_at <= self.ttl:
@@ -292,6 +313,11 @@ class ClusterScope:
         return container_nodename(spec, ident, self.hostname)
 
     def close(self) -> None:
+        for leases in self._leases.values():
+            try:
+                leases.withdraw(self.nodename)
+            except self._errors:
+                break  # Redis is away: the announcement lapses by itself
         self.client.close()
 
     def _failed(self, exc: BaseException) -> None:

@@ -17,7 +17,9 @@ Read top to bottom it is the whole rule:
 * start the difference at once when ``desired`` exceeds the containers, as many as the
   node has room for, unless the function is backing off after crashes
   (:func:`crash_backoff`); in cluster scope each start must first win a lease, so nodes
-  that decide at once never start more than ``desired`` between them;
+  that decide at once never start more than ``desired`` between them, and each node
+  starts at most its share of the difference (``ceil(difference / peers)``) per turn,
+  so that the nodes race fairly and the containers spread over them;
 * retire only containers idle for ``scaledown_window``, most idle first over the
   cluster, never below ``desired`` (which is never below ``min_containers``); a node
   retires those of its own that are chosen;
@@ -65,6 +67,9 @@ class Observation:
     backing_off: bool = False
     #: its containers on other nodes (cluster scope), as their leases show them
     elsewhere: tuple[ContainerState, ...] = ()
+    #: the nodes that serve it and could place a container, this one included: each
+    #: takes its share of a scale-up per turn, so that the containers spread
+    peers: int = 1
 
     @property
     def everywhere(self) -> tuple[ContainerState, ...]:
@@ -129,7 +134,8 @@ def decide(obs: Observation) -> Decision:
     here = _here(obs, desired)
     capacity = total * obs.spec.target_inputs
     load = f"backlog {obs.backlog}, in flight {obs.in_flight}, capacity {capacity}"
-    start = min(desired - total, here - live)
+    share = math.ceil((desired - total) / max(1, obs.peers))
+    start = min(desired - total, here - live, share)
     if start > 0:
         if obs.backing_off:
             why = "backing off after a crash"

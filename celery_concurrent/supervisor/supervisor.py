@@ -286,6 +286,9 @@ class Supervisor:
         if self._draining.is_set():
             self.actuator.retire_all("node stopping", now)
             return
+        for pool, ident, why in self.scope.maintain(self.pools, now, self.devices.placeable):
+            logger.warning("%s: draining container %s: %s", pool.spec.name, ident, why)
+            self.actuator.retire(pool, ident, why, now)
         backlogs = self.probe.backlogs([pool.spec.queue for pool in self.pools.values()])
         for pool in self.pools.values():
             if backlogs[pool.spec.queue] is not None:
@@ -296,9 +299,6 @@ class Supervisor:
                 continue  # unreadable or unplaceable: keep what runs
             self.actuator.apply(pool, decision, now)
             pool.record_healthy(now)
-        for pool, ident, why in self.scope.maintain(self.pools, now):
-            logger.warning("%s: draining container %s: %s", pool.spec.name, ident, why)
-            self.actuator.retire(pool, ident, why, now)
         self.actuator.force_overdue_drains(now)
 
     def observe(self, pool: FunctionPool, backlog: int | None, now: float) -> Observation:
@@ -318,6 +318,7 @@ class Supervisor:
             placeable=self.devices.placeable(pool.spec),
             backing_off=pool.backing_off(now),
             elsewhere=elsewhere or (),
+            peers=self.scope.peers(pool),
         )
 
     def _read_reports(self) -> None:
