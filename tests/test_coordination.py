@@ -23,6 +23,13 @@ from celery_concurrent.supervisor.supervisor import SupervisorSettings, make_sco
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 
 
+@pytest.fixture(autouse=True)
+def _no_broker_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Celery reads these over the settings; the suite sets the first for its test apps.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    monkeypatch.delenv("CELERY_RESULT_BACKEND", raising=False)
+
+
 def make_app(**conf: object) -> Celery:
     app = Celery("coordination", set_as_current=False)
     app.conf.update(conf)

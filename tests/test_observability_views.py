@@ -127,14 +127,17 @@ def test_metrics_are_prefixed_and_labelled_by_function_and_node() -> None:
         "celery_concurrent_scale_downs",
         "celery_concurrent_crashes",
         "celery_concurrent_recycles",
+        "celery_concurrent_cluster_containers",
+        "celery_concurrent_leases_lost",
+        "celery_concurrent_swept",
         "celery_concurrent_cold_start_seconds",
     }
-    counters = ("ups", "downs", "crashes", "recycles")
+    counters = ("ups", "downs", "crashes", "recycles", "leases_lost", "swept")
     assert {f.type for n, f in families.items() if n.endswith(counters)} == {"counter"}
     assert families["celery_concurrent_cold_start_seconds"].type == "histogram"
 
     def value(name: str, function: str, **labels: str) -> float:
-        want = {"function": function, "node": "celery@web1", **labels}
+        want = {"function": function, "node": "celery@web1", "scope": "node", **labels}
         family = name.removesuffix("_total").removesuffix("_bucket").removesuffix("_count")
         (found,) = [
             s.value for s in families[family].samples if s.name == name and s.labels == want
