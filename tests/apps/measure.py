@@ -48,11 +48,20 @@ class Recorder:
         self._released_on_loop: dict[tuple[int, str], asyncio.Future[None]] = {}
 
     def store(self) -> redis.Redis:
-        """A client of the app's Redis (the URL may change after import, in tests)."""
+        """A client of the app's Redis (the URL may change after import, in tests).
+
+        One per URL and process, made under the lock: a sync container's first inputs
+        ask for it at once, each on its thread, and a second client made meanwhile
+        would replace the first in the cache; the first one's garbage collection then
+        closes its pool (redis-py closes a ``from_url`` client's pool with it) under the
+        inputs already counting through it, and fails them.
+        """
         url = self.app.conf[self.setting]
-        if url not in self._clients:
-            self._clients[url] = redis.Redis.from_url(url)
-        return self._clients[url]
+        with self._lock:
+            client = self._clients.get(url)
+            if client is None:
+                client = self._clients[url] = redis.Redis.from_url(url)
+        return client
 
     def enter(self, key: str) -> None:
         self.store().eval(_ENTER, 2, f"running:{key}", f"peak:{key}")

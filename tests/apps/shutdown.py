@@ -13,10 +13,11 @@ import asyncio
 import os
 import time
 
-import redis
 from celery import Celery, Task
 
 from celery_concurrent import concurrent
+
+from .measure import Recorder
 
 #: longer than any input is held unacknowledged while it runs normally, even under load
 VISIBILITY_TIMEOUT = 12
@@ -34,14 +35,8 @@ app.conf.update(
     },
 )
 
-_clients: dict[str, redis.Redis] = {}
-
-
-def store() -> redis.Redis:
-    url = app.conf.broker_url
-    if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url)
-    return _clients[url]
+#: the counters' client: one per process, safe for a container's first inputs at once
+store = Recorder(app).store
 
 
 def _started(task: Task) -> None:
