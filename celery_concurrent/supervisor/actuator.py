@@ -143,6 +143,12 @@ class Actuator:
         container.process.terminate()
         logger.debug("%s: retiring container %s (%s)", pool.spec.name, ident, why)
 
+    def retire_lost(self, lost: Iterable[tuple[FunctionPool, str, str]], now: float) -> None:
+        """Drain the containers whose lease was lost (``ClusterScope.maintain``)."""
+        for pool, ident, why in lost:
+            logger.warning("%s: draining container %s: %s", pool.spec.name, ident, why)
+            self.retire(pool, ident, why, now)
+
     def retire_all(self, why: str, now: float) -> None:
         for pool in self.pools.values():
             for ident in list(pool.containers):

@@ -17,10 +17,12 @@ node that died whole, which no supervisor saw die, are found by their unrenewed
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from celery import Celery
 from celery.utils.log import get_logger
 from kombu.exceptions import OperationalError
+from kombu.transport.redis import Mutex, MutexHeld
 from redis import RedisError
 
 from ..brokers import is_redis
@@ -55,18 +57,24 @@ class Redelivery(OwnChannel):
             return 0
         try:
             channel = self._ensure_channel()
-            # The channel's own key names: transport options may rename them. HGET, not
-            # HMGET: kombu's client adds a global_keyprefix to the one, not the other.
-            with channel.client.pipeline(transaction=False) as pipe:
-                for tag in tags:
-                    pipe.hget(channel.unacked_key, tag)
-                waiting = pipe.execute()
-            for tag, payload in zip(tags, waiting, strict=True):
-                if payload is not None:
-                    channel.qos.restore_by_tag(tag)
+            with restorers_mutex(channel):
+                return self._restore(channel, tags)
+        except MutexHeld:
+            return None  # kombu (or another node) is restoring: the next turn tries again
         except self._connection_errors:
             self.close()
             return None
+
+    def _restore(self, channel: Any, tags: Sequence[str]) -> int:
+        # The channel's own key names: transport options may rename them. HGET, not
+        # HMGET: kombu's client adds a global_keyprefix to the one, not the other.
+        with channel.client.pipeline(transaction=False) as pipe:
+            for tag in tags:
+                pipe.hget(channel.unacked_key, tag)
+            waiting = pipe.execute()
+        for tag, payload in zip(tags, waiting, strict=True):
+            if payload is not None:
+                channel.qos.restore_by_tag(tag)
         return sum(payload is not None for payload in waiting)
 
     def sweep(self, routing_keys: Iterable[str], older_than: float) -> int | None:
@@ -78,13 +86,20 @@ class Redelivery(OwnChannel):
         if not self.needed:
             return 0
         try:
+            channel = self._ensure_channel()
             if self._held is None:
-                self._held = HeldMessages.for_channel(self._ensure_channel())
-            tags = self._held.orphans(routing_keys, older_than)
+                self._held = HeldMessages.for_channel(channel)
+            # Under kombu's own restore mutex: a tag listed here must not be put back by
+            # restore_visible (or another node's sweep) meanwhile and taken by a
+            # container before it is put back a second time from a stale list.
+            with restorers_mutex(channel):
+                tags = self._held.orphans(routing_keys, older_than)
+                return self._restore(channel, tags) if tags else 0
+        except MutexHeld:
+            return 0  # someone else is restoring now: the next sweep looks again
         except self._connection_errors:
             self.close()
             return None
-        return self.restore(tags) if tags else 0
 
     def close(self) -> None:
         self._held = None
@@ -94,3 +109,14 @@ class Redelivery(OwnChannel):
     def _connection_errors(self) -> tuple[type[BaseException], ...]:
         conn = self._conn or self.app.connection_for_read()
         return (OperationalError, *conn.connection_errors, RedisError, ConnectionError, OSError)
+
+
+def restorers_mutex(channel: Any) -> Any:
+    """kombu's own lock around restoring unacknowledged messages (``restore_visible``
+    holds it too), by the channel's key name and expiry; raises ``MutexHeld`` when held.
+
+    Whoever restores from a list read earlier must hold it: a tag restored by another
+    meanwhile may already be delivered again, unacknowledged under the same tag, and
+    would be put back a second time.
+    """
+    return Mutex(channel.client, channel.unacked_mutex_key, channel.unacked_mutex_expire)

@@ -286,9 +286,7 @@ class Supervisor:
         if self._draining.is_set():
             self.actuator.retire_all("node stopping", now)
             return
-        for pool, ident, why in self.scope.maintain(self.pools, now, self.devices.placeable):
-            logger.warning("%s: draining container %s: %s", pool.spec.name, ident, why)
-            self.actuator.retire(pool, ident, why, now)
+        self.actuator.retire_lost(self.scope.maintain(self.pools, now, self.devices.placeable), now)
         backlogs = self.probe.backlogs([pool.spec.queue for pool in self.pools.values()])
         for pool in self.pools.values():
             if backlogs[pool.spec.queue] is not None:

@@ -10,6 +10,7 @@ finishes, so a test sees an input lost and one run twice.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import redis
@@ -34,6 +35,7 @@ if os.environ.get("CC_VISIBILITY_TIMEOUT"):
     }
 
 _clients: dict[str, redis.Redis] = {}
+_lock = threading.Lock()
 
 #: raise ``peak`` to the containers running inputs now; KEYS: active, peak; ARGV: pid, +-1
 _MARK = """
@@ -51,9 +53,12 @@ def store() -> redis.Redis:
     """Where the inputs record what they measure: the broker, unless a test that cuts a
     node off from the broker gives a direct address (``CC_STORE_URL``)."""
     url = os.environ.get("CC_STORE_URL") or app.conf.broker_url
-    if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url)
-    return _clients[url]
+    # Under a lock: a second client made by another input's thread would replace the
+    # first, whose garbage collection closes the pool under the inputs using it.
+    with _lock:
+        if url not in _clients:
+            _clients[url] = redis.Redis.from_url(url)
+        return _clients[url]
 
 
 def _mark(delta: int) -> None:
