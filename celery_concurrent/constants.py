@@ -13,6 +13,10 @@ from __future__ import annotations
 DEFAULT_MAX_INPUTS = 1
 #: seconds a container may sit idle before it is retired
 DEFAULT_SCALEDOWN_WINDOW = 60.0
+#: the largest ``max_batch_size`` of a ``@batched`` function
+MAX_BATCH_SIZE_LIMIT = 1000
+#: the longest ``wait_ms`` of a ``@batched`` function (ten minutes)
+MAX_WAIT_MS = 600_000
 
 # -- a node (the supervisor) -----------------------------------------------------------
 
@@ -37,6 +41,8 @@ BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 #: the buckets of the cold-start histogram (seconds from a start to the first ready report)
 COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: the buckets of the batch-size histogram (items per call of a ``@batched`` function)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
 #: how long a starting container may take to read the node's revokes
 REVOKES_SEND_TIMEOUT = 5.0
 #: how long ``nvidia-smi`` may take to list the node's GPUs
@@ -54,6 +60,10 @@ COORDINATION_SOCKET_TIMEOUT = 1.0
 
 # -- a container -----------------------------------------------------------------------
 
+#: a container's Redis connection pool holds one connection per slot and this many more:
+#: every slot may acknowledge at the same instant, on its own thread, and kombu's pool
+#: (10 by default) raises when it has none left, failing the ack
+CONNECTIONS_BESIDE_SLOTS = 10
 #: how long an idle container's ``BRPOP`` on Redis waits (a warm shutdown waits for it)
 REDIS_POLL_SECONDS = 0.25
 #: how long a container waits for its node's revokes before it starts without them
@@ -75,6 +85,9 @@ HELD_REPORT_INTERVAL = 0.01
 #: ... and waits this many times the CPU time its last report took, so that reporting
 #: stays about 2 % of the container at 10,000 inputs in flight too
 HELD_REPORT_COST_RATIO = 50
+#: a container holding part of a batch, with a slot free, asks the broker this often
+#: whether the function's queue is empty (then the batch goes at once)
+BATCH_PROBE_INTERVAL = 0.002
 #: how long a pool thread waits for the event loop to accept its input before it accepts
 #: it itself (the loop is stopping)
 ACCEPT_ON_LOOP_TIMEOUT = 5.0

@@ -190,3 +190,22 @@ def test_plain_worker_runs_concurrent_async_tasks_to_completion(basic_app, worke
         "celery,concurrent.tests.apps.basic.async_behaviour",
     )
     assert basic_app.async_behaviour.delay("echo").get(timeout=20) == "echo"
+
+
+@pytest.mark.parametrize(
+    ("given", "max_inputs", "expected"),
+    [(None, 1, 11), (None, 100, 110), (500, 100, 500), (20, 100, 110)],
+)
+def test_a_containers_redis_pool_has_a_connection_for_every_slot(given, max_inputs, expected):
+    from celery import Celery
+
+    from celery_concurrent import FunctionSpec
+    from celery_concurrent.container.worker import room_for_every_slot
+
+    app = Celery("pool", set_as_current=False)
+    if given is not None:
+        app.conf.broker_transport_options = {"max_connections": given, "visibility_timeout": 9}
+    room_for_every_slot(app, FunctionSpec.from_options("proj.fetch", {"max_inputs": max_inputs}))
+    assert app.conf.broker_transport_options["max_connections"] == expected
+    if given is not None:
+        assert app.conf.broker_transport_options["visibility_timeout"] == 9

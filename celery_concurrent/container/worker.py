@@ -15,7 +15,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from ..brokers import is_redis
-from ..constants import REDIS_POLL_SECONDS
+from ..constants import CONNECTIONS_BESIDE_SLOTS, REDIS_POLL_SECONDS
 from ..contract import REPORT_ENV, container_nodename
 from ..errors import ConfigurationError
 from ..routing import declare_queue
@@ -64,6 +64,7 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
     if is_redis(worker.app):
         worker.app.conf.worker_disable_prefetch = True
         _shorten_redis_poll(worker.app)
+        room_for_every_slot(worker.app, spec)
     # After a reconnect Celery lowers the prefetch and raises it again from the callback
     # of each ack, which a threads pool runs on the input's own thread: a synchronous
     # basic.qos there races the event loop for the AMQP socket and hangs the container.
@@ -103,6 +104,21 @@ def _shorten_redis_poll(app: Any) -> None:
         conn.release()
     if major >= 6:
         options["polling_interval"] = REDIS_POLL_SECONDS
+        app.conf.broker_transport_options = options
+
+
+def room_for_every_slot(app: Any, spec: FunctionSpec) -> None:
+    """Give the container's Redis connection pool a connection for each slot and some.
+
+    Each slot acknowledges its input on its own thread (``acks_late``), all at the same
+    instant after a burst, through the channel's pool; kombu's pool holds 10 unless told
+    (``max_connections``) and raises when they are all in use, failing the ack. A larger
+    number the user set is kept.
+    """
+    options = dict(app.conf.broker_transport_options or {})
+    wanted = spec.max_inputs + CONNECTIONS_BESIDE_SLOTS
+    if int(options.get("max_connections") or 10) < wanted:
+        options["max_connections"] = wanted
         app.conf.broker_transport_options = options
 
 
