@@ -17,8 +17,10 @@ from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
 from kombu.exceptions import OperationalError
 
 from .errors import ConfigurationError, UnknownFunctionError
+from .kubernetes import kubernetes as kubernetes_command
 from .redact import mask_urls, safe_url
 from .registry import specs_of
+from .scaler import scaler as scaler_command
 from .spec import RUNTIME_BOUND_NAMES, SECONDS_SETTINGS, FunctionSpec
 from .status import FunctionStatus, merge
 
@@ -308,3 +310,7 @@ def update(ctx: click.Context, function: str, timeout: float, **given: Any) -> N
         raise click.ClickException("no node supervises @concurrent functions")
     if failed:
         ctx.exit(1)
+
+
+concurrent.add_command(kubernetes_command)
+concurrent.add_command(scaler_command)

@@ -23,6 +23,8 @@ from .constants import (
     MEMORY_PER_CONTAINER,
     SCOPES,
 )
+from .container.health import HealthFiles
+from .container.heartbeat import LeaseHeartbeat
 from .container.held_renewal import HeldRenewal
 from .container.prefetch_gate import PrefetchGate
 from .container.reporter import LoadReporter
@@ -132,6 +134,8 @@ def install(app: Celery) -> Celery:
     app.steps["worker"].add(SupervisorStep)
     app.steps["worker"].add(LoadReporter)
     app.steps["worker"].add(HeldRenewal)
+    app.steps["worker"].add(LeaseHeartbeat)
+    app.steps["worker"].add(HealthFiles)
     app.steps["consumer"].add(PrefetchGate)
     app.steps["consumer"].add(RevokeSync)
     app.steps["worker"].add(MetricsStep)
