@@ -1,7 +1,9 @@
 """celery-concurrent: Modal-style concurrent inputs and per-function autoscaling for Celery."""
 
-from .decorators import concurrent
+from .batching import BatchSettings
+from .decorators import batched, concurrent
 from .errors import (
+    BatchResultError,
     ConcurrentError,
     ConfigurationError,
     DecoratorOrderError,
@@ -14,6 +16,8 @@ from .registry import spec_of, specs_of
 from .spec import FunctionSpec
 
 __all__ = [
+    "BatchResultError",
+    "BatchSettings",
     "ConcurrentError",
     "ConfigurationError",
     "DecoratorOrderError",
@@ -21,6 +25,7 @@ __all__ = [
     "GpuRequest",
     "GpuSpecError",
     "UnknownFunctionError",
+    "batched",
     "concurrent",
     "install",
     "parse_gpu",

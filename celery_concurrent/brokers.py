@@ -36,3 +36,20 @@ def broker_kind(app: Celery) -> str:
 def is_redis(app: Celery) -> bool:
     """Whether the app's broker is Redis (or a Redis-protocol server)."""
     return broker_kind(app) == "redis"
+
+
+def redis_queue_lengths(channel: Any, queues: list[str]) -> dict[str, int | None]:
+    """``LLEN`` of each queue and its priority sub-queues, named as kombu's Redis
+    transport names them, in one pipelined round trip."""
+    keys = {
+        queue: [
+            queue if not step else f"{queue}{channel.sep}{step}" for step in channel.priority_steps
+        ]
+        for queue in queues
+    }
+    with channel.client.pipeline(transaction=False) as pipe:
+        for names in keys.values():
+            for name in names:
+                pipe.llen(name)
+        lengths = iter(pipe.execute())
+    return {queue: sum(next(lengths) for _ in names) for queue, names in keys.items()}

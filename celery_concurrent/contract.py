@@ -60,6 +60,10 @@ class LoadReport:
     held: tuple[str, ...] = ()
     #: why it cannot start (sent once, just before it exits)
     error: str = ""
+    #: a ``@batched`` function's batches since the container started, per bucket of
+    #: ``constants.BATCH_SIZE_BUCKETS`` (not cumulative), and the items they held
+    batch_sizes: tuple[int, ...] = ()
+    batched_items: int = 0
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -68,6 +72,7 @@ class LoadReport:
     def decode(cls, data: bytes) -> LoadReport:
         fields = json.loads(data)
         fields["held"] = tuple(fields.get("held") or ())
+        fields["batch_sizes"] = tuple(fields.get("batch_sizes") or ())
         return cls(**fields)
 
 

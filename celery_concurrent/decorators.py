@@ -1,8 +1,9 @@
-"""The ``@concurrent`` decorator.
+"""The ``@concurrent`` and ``@batched`` decorators.
 
-``@concurrent`` works below ``@app.task`` (the reference's order) and above it; Celery
-task options (``@app.task(allow_concurrent_inputs=10)``) work too once the plugin is
-installed on the app.
+Both work below ``@app.task`` (the reference's order) and above it, and with each other
+in either order; Celery task options (``@app.task(allow_concurrent_inputs=10)``,
+``@app.task(max_batch_size=32, wait_ms=20)``) work too once the plugin is installed on
+the app.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from typing import Any, TypeVar, overload
 from celery import Task, current_app
 from celery.local import PromiseProxy, Proxy
 
+from .asyncbridge import original_async
+from .batching import BatchSettings, batch_runner, batched_of, check_batchable
 from .errors import DecoratorOrderError
 from .plugin import install
 from .registry import (
     OPTIONS_ATTR,
     adopt_async_run,
+    adopt_batched_run,
     is_async,
+    record_batch_settings,
     record_options,
     runner_for,
     task_is_async,
@@ -79,18 +84,36 @@ def concurrent(fn: Any = None, /, **options: Any) -> Any:
     normalize_options(options)  # every check that does not depend on the function
 
     def decorate(target: Any) -> Any:
-        if type(target) is Proxy:
-            raise DecoratorOrderError(SHARED_TASK_ORDER)
-        if isinstance(target, PromiseProxy):
-            return _decorate_lazy_task(target, options)
-        if isinstance(target, Task):
-            _decorate_task(target, options)
-            return target
-        if callable(target):
-            return _decorate_function(target, options)
-        raise TypeError(f"@concurrent expects a function or a Celery task, got {target!r}")
+        return _apply(
+            "@concurrent",
+            target,
+            lazy=lambda proxy: _decorate_lazy_task(proxy, options),
+            task=lambda task: _decorate_task(task, options),
+            function=lambda f: _decorate_function(f, options),
+        )
 
     return decorate if fn is None else decorate(fn)
+
+
+def _apply(
+    decorator: str,
+    target: Any,
+    *,
+    lazy: Callable[[PromiseProxy], Any],
+    task: Callable[[Task], None],
+    function: Callable[[Callable[..., Any]], Any],
+) -> Any:
+    """Decorate what ``target`` is: a pending ``@app.task``, a task, or a function."""
+    if type(target) is Proxy:
+        raise DecoratorOrderError(SHARED_TASK_ORDER.replace("@concurrent", decorator))
+    if isinstance(target, PromiseProxy):
+        return lazy(target)
+    if isinstance(target, Task):
+        task(target)
+        return target
+    if callable(target):
+        return function(target)
+    raise TypeError(f"{decorator} expects a function or a Celery task, got {target!r}")
 
 
 def _decorate_function(fn: Callable[..., Any], options: Mapping[str, Any]) -> Callable[..., Any]:
@@ -124,6 +147,73 @@ def _decorate_lazy_task(proxy: PromiseProxy, options: Mapping[str, Any]) -> Prom
     proxy.__then__(on_evaluated)
     install(current_app._get_current_object())
     return proxy
+
+
+def batched(fn: Any = None, /, *, max_batch_size: Any = None, wait_ms: Any = None) -> Any:
+    """Run a function on batches of the inputs that arrive close together.
+
+    The function takes one list per parameter, all of the batch's length, and returns a
+    list of that length; callers send one input and get that input's result, each input
+    a Celery task of its own. With ``@concurrent(max_inputs=N)`` a container runs up to
+    N batches at once; alone, one.
+
+    Parameters
+    ----------
+    max_batch_size:
+        The most items in one call (1 to 1000). Required.
+    wait_ms:
+        How long a batch's first item may wait for more, in milliseconds (0 to 600000).
+        Required. A batch goes sooner when it is full, or when a slot is free and the
+        function's queue is empty.
+
+    Raises
+    ------
+    ConfigurationError
+        At decoration time, naming the parameter and the value: a setting out of range
+        or missing, ``*args``, ``**kwargs`` or a default on the function.
+    DecoratorOrderError
+        At decoration time, when applied above ``@shared_task`` (it belongs below).
+    """
+    if fn is not None:  # bare ``@batched``: the settings are required
+        BatchSettings.from_options({})
+    settings = BatchSettings.from_options({"max_batch_size": max_batch_size, "wait_ms": wait_ms})
+
+    def decorate(target: Any) -> Any:
+        return _apply(
+            "@batched",
+            target,
+            lazy=lambda proxy: _batch_lazy_task(proxy, settings),
+            task=lambda task: _batch_task(task, settings),
+            function=lambda f: _batch_function(f, settings),
+        )
+
+    return decorate
+
+
+def _batch_lazy_task(proxy: PromiseProxy, settings: BatchSettings) -> PromiseProxy:
+    pending = _pending_function(proxy)
+    if pending is not None:
+        check_batchable(original_async(pending) or pending)
+    proxy.__then__(lambda: _batch_task(proxy._get_current_object(), settings))
+    install(current_app._get_current_object())
+    return proxy
+
+
+def _batch_function(fn: Callable[..., Any], settings: BatchSettings) -> Callable[..., Any]:
+    if batched_of(fn) is not None:
+        raise DecoratorOrderError(f"{fn.__qualname__} is @batched already")
+    runner = batch_runner(fn, settings)
+    options = getattr(fn, OPTIONS_ATTR, None)  # @batched above @concurrent
+    if options is not None:
+        setattr(runner, OPTIONS_ATTR, dict(options))
+    install(current_app._get_current_object())
+    return runner
+
+
+def _batch_task(task: Task, settings: BatchSettings) -> None:
+    record_batch_settings(task, settings)
+    adopt_batched_run(task, settings)
+    install(task.app)
 
 
 def _pending_function(proxy: PromiseProxy) -> Callable[..., Any] | None:

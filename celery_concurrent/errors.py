@@ -37,3 +37,7 @@ class UnknownFunctionError(ConcurrentError, LookupError):
         self.name = name
         hint = f"; known functions: {', '.join(sorted(known))}" if known else ""
         super().__init__(f"{name!r} is not a @concurrent function of this app{hint}")
+
+
+class BatchResultError(ConcurrentError):
+    """A ``@batched`` function did not return one result per item of its batch."""

@@ -32,7 +32,7 @@ from .container.revokes import RevokeSync
 from .container.worker import configure_container
 from .coordination import SCOPE_SETTING
 from .errors import ConcurrentError, ConfigurationError, UnknownFunctionError
-from .registry import adopt_async_run, spec_of, specs_of
+from .registry import adopt_async_run, adopt_batched_run, spec_of, specs_of
 from .routing import ensure_router
 from .supervisor import control  # noqa: F401 - registers the remote control commands
 from .supervisor.bootstep import SupervisorStep
@@ -149,7 +149,9 @@ def _on_configured(sender: Celery, **_: Any) -> None:
 def _on_finalized(sender: Celery, **_: Any) -> None:
     ensure_router(sender)
     for task in sender.tasks.values():
-        if spec_of(task) is not None:  # validates task options too
+        spec = spec_of(task)  # validates task options too
+        if spec is not None:
+            adopt_batched_run(task, spec.batch_settings)
             adopt_async_run(task)
 
 

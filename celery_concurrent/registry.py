@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from celery.local import PromiseProxy
 
 from .asyncbridge import original_async, sync_runner
+from .batching import BATCH_OPTION_NAMES, BatchSettings, batch_runner, batched_of
 from .errors import ConfigurationError
 from .spec import OPTION_NAMES, FunctionSpec
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 #: Where the decorator's keywords are kept, on the function or on the task class.
 OPTIONS_ATTR = "__celery_concurrent__"
+#: Where ``@batched`` above ``@app.task`` keeps its settings, on the task class.
+BATCH_SETTINGS_ATTR = "__celery_concurrent_batch__"
 
 # Specs by task class: a spec is read once per task, and forgotten with the class.
 _specs: weakref.WeakKeyDictionary[type, FunctionSpec] = weakref.WeakKeyDictionary()
@@ -31,6 +34,9 @@ _specs: weakref.WeakKeyDictionary[type, FunctionSpec] = weakref.WeakKeyDictionar
 def is_async(fn: Any) -> bool:
     """Whether ``fn`` is an ``async def`` function, or our synchronous runner of one."""
     raw = fn.__func__ if isinstance(fn, staticmethod) else fn
+    batched = batched_of(raw)
+    if batched is not None:
+        return batched.is_async
     return inspect.iscoroutinefunction(raw) or original_async(raw) is not None
 
 
@@ -46,6 +52,13 @@ def record_options(task: Task, options: dict[str, Any]) -> None:
     _specs.pop(cls, None)
 
 
+def record_batch_settings(task: Task, settings: BatchSettings) -> None:
+    """Keep ``@batched``'s settings on the task's class (``@batched`` above)."""
+    cls = type(task)
+    setattr(cls, BATCH_SETTINGS_ATTR, settings)
+    _specs.pop(cls, None)
+
+
 def spec_of(task: Task) -> FunctionSpec | None:
     """The :class:`FunctionSpec` of a task, or ``None`` for a plain Celery task.
 
@@ -57,9 +70,11 @@ def spec_of(task: Task) -> FunctionSpec | None:
     cached = _specs.get(cls)
     if cached is not None:
         return cached
+    batch = batch_settings_of(task)
     options = _options_of(task)
-    if options is None:
+    if options is None and batch is None:
         return None
+    options = options or {}
     task_queue = getattr(task, "queue", None)
     own_queue = options.get("queue")
     if own_queue and task_queue and own_queue != task_queue:
@@ -68,7 +83,7 @@ def spec_of(task: Task) -> FunctionSpec | None:
         )
     if task_queue and not own_queue:
         options["queue"] = task_queue
-    spec = FunctionSpec.from_options(task.name, options, is_async=task_is_async(task))
+    spec = FunctionSpec.from_options(task.name, options, is_async=task_is_async(task), batch=batch)
     _specs[cls] = spec
     return spec
 
@@ -83,6 +98,43 @@ def _options_of(task: Task) -> dict[str, Any] | None:
     if decorated is None and not from_task:
         return None
     return {**from_task, **(decorated or {})}
+
+
+def batch_settings_of(task: Task) -> BatchSettings | None:
+    """The ``@batched`` settings of a task (decorated, or task options), or ``None``."""
+    cls = type(task)
+    batched = batched_of(cls.__dict__.get("run"))
+    if batched is not None:
+        return batched.settings
+    recorded = getattr(cls, BATCH_SETTINGS_ATTR, None)
+    if isinstance(recorded, BatchSettings):
+        return recorded
+    options = {name: getattr(task, name, None) for name in BATCH_OPTION_NAMES}
+    if all(value is None for value in options.values()):
+        return None
+    return BatchSettings.from_options(options)
+
+
+def adopt_batched_run(task: Task, settings: BatchSettings | None = None) -> None:
+    """Make a batched task's ``run`` take one input: its function's item runner.
+
+    Only a task whose class holds the batched function itself needs it: one decorated
+    with ``@batched`` above ``@app.task``, or declared with task options. Raises
+    :class:`ConfigurationError` for a bound task (a batch has no one request) and for a
+    function a batch cannot call.
+    """
+    cls = type(task)
+    settings = settings or batch_settings_of(task)
+    run = cls.__dict__.get("run")
+    if settings is None:
+        return
+    if not isinstance(run, staticmethod):
+        raise ConfigurationError(
+            "bind", True, f"{task.name} is @batched: a batch has no one request to bind"
+        )
+    if batched_of(run) is not None:
+        return
+    cls.run = staticmethod(batch_runner(run.__func__, settings))
 
 
 def specs_of(app: Celery) -> dict[str, FunctionSpec]:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from .batching import BatchSettings
 from .constants import DEFAULT_MAX_INPUTS, DEFAULT_SCALEDOWN_WINDOW
 from .errors import ConfigurationError
 from .gpu import GpuRequest, parse_gpu
@@ -83,6 +84,9 @@ class FunctionSpec:
         Acceptable device shapes in order of preference, or ``None``.
     pool:
         ``"threads"`` or ``"gevent"`` for sync functions, ``"asyncio"`` for async ones.
+    max_batch_size, wait_ms:
+        A ``@batched`` function's batch settings; ``None`` for a function that takes one
+        input per call. One batch takes one of the ``max_inputs`` slots.
     """
 
     name: str
@@ -96,15 +100,58 @@ class FunctionSpec:
     scaledown_window: float = DEFAULT_SCALEDOWN_WINDOW
     gpu: tuple[GpuRequest, ...] | None = None
     pool: str = "threads"
+    max_batch_size: int | None = None
+    wait_ms: int | None = None
 
     @classmethod
     def from_options(
-        cls, name: str, options: Mapping[str, Any], *, is_async: bool = False
+        cls,
+        name: str,
+        options: Mapping[str, Any],
+        *,
+        is_async: bool = False,
+        batch: BatchSettings | None = None,
     ) -> FunctionSpec:
-        """Build a spec from ``@concurrent`` keywords (either spelling)."""
+        """Build a spec from ``@concurrent`` keywords (either spelling), and the
+        ``@batched`` settings of a batched function."""
         settings = normalize_options(options, is_async=is_async)
         queue = settings.pop("queue", None) or default_queue(name, gpu=settings["gpu"])
-        return cls(name=name, queue=queue, is_async=is_async, **settings)
+        if batch is None:
+            return cls(name=name, queue=queue, is_async=is_async, **settings)
+        if settings["pool"] == "gevent":
+            raise ConfigurationError(
+                "pool",
+                "gevent",
+                "a @batched function runs its batches on threads of their own (sync) or "
+                "on the container's event loop (async); leave pool unset",
+            )
+        return cls(
+            name=name,
+            queue=queue,
+            is_async=is_async,
+            max_batch_size=batch.max_batch_size,
+            wait_ms=batch.wait_ms,
+            **settings,
+        )
+
+    @property
+    def batch_settings(self) -> BatchSettings | None:
+        """The ``@batched`` settings, or ``None`` for a function that takes one input."""
+        if self.max_batch_size is None or self.wait_ms is None:
+            return None
+        return BatchSettings(self.max_batch_size, self.wait_ms)
+
+    @property
+    def max_items(self) -> int:
+        """The most inputs (items) one container holds: ``max_inputs`` batches of up to
+        ``max_batch_size`` each, or ``max_inputs`` for a function without batches."""
+        return self.max_inputs * (self.max_batch_size or 1)
+
+    @property
+    def target_items(self) -> int:
+        """The per-container load the autoscaler aims for, in inputs (items):
+        ``target_inputs`` batches of ``max_batch_size``."""
+        return self.target_inputs * (self.max_batch_size or 1)
 
     def with_bounds(self, **bounds: Any) -> FunctionSpec:
         """A copy with new scaling bounds (either spelling), validated like the decorator.

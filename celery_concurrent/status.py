@@ -25,7 +25,8 @@ class FunctionStatus:
     """One function's pool, on one node or (merged) on every node that serves it.
 
     How :func:`merge` combines the rows of several nodes, field by field: the counts
-    (``containers`` to ``scale_downs``) add up; ``backlog`` is the largest (every node
+    (``containers`` to ``scale_downs``), ``batch_sizes`` and ``batched_items`` add up;
+    ``backlog`` is the largest (every node
     reads the same queue, some a moment later); ``crash_loop``, ``placeable`` and
     ``spec_conflict`` hold if they hold on any node; ``error`` is the first node's; the
     bounds are the strictest (the lowest ``max_containers``: what the cluster holds) and
@@ -83,6 +84,22 @@ class FunctionStatus:
     leases_lost: int = 0
     #: inputs of lost nodes that were given back to the queue (cluster scope)
     swept: int = 0
+    #: a ``@batched`` function's settings (``None`` for one without batches)
+    max_batch_size: int | None = None
+    wait_ms: int | None = None
+    #: its batches since the nodes started, per bucket of ``BATCH_SIZE_BUCKETS`` (not
+    #: cumulative; the last bucket is 1000), and the items they held
+    batch_sizes: list[int] = field(default_factory=list)
+    batched_items: int = 0
+
+    @property
+    def batches(self) -> int:
+        return sum(self.batch_sizes)
+
+    @property
+    def batch_size_mean(self) -> float | None:
+        """The mean items per batch, or ``None`` before the first batch."""
+        return round(self.batched_items / self.batches, 2) if self.batches else None
 
     @classmethod
     def unserved(cls, spec: FunctionSpec) -> FunctionStatus:
@@ -102,6 +119,8 @@ class FunctionStatus:
             buffer_containers=spec.buffer_containers,
             scaledown_window=spec.scaledown_window,
             gpu=spec.as_dict()["gpu"],
+            max_batch_size=spec.max_batch_size,
+            wait_ms=spec.wait_ms,
             **fields,
         )
 
@@ -112,7 +131,10 @@ class FunctionStatus:
         return cls(**{key: value for key, value in data.items() if key in known})
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["batches"] = self.batches
+        data["batch_size_mean"] = self.batch_size_mean
+        return data
 
     def node_view(self) -> dict[str, Any]:
         """What :attr:`per_node` keeps of one node's row."""
@@ -145,6 +167,7 @@ SUMMED = (
     "scale_downs",
     "leases_lost",
     "swept",
+    "batched_items",
 )
 
 
@@ -159,7 +182,13 @@ def merge(
             into = merged.get(row.function)
             if into is None:
                 merged[row.function] = into = dataclasses.replace(
-                    row, pids=[], gpu_devices={}, nodes=[], per_node={}, node=None
+                    row,
+                    pids=[],
+                    gpu_devices={},
+                    nodes=[],
+                    per_node={},
+                    node=None,
+                    batch_sizes=[],
                 )
                 for key in SUMMED:
                     setattr(into, key, 0)
@@ -182,6 +211,12 @@ def _add(into: FunctionStatus, row: FunctionStatus, nodename: str) -> None:
         into.node = ",".join([*hosts, row.node])
     for key in SUMMED:
         setattr(into, key, getattr(into, key) + getattr(row, key))
+    if row.batch_sizes:
+        width = max(len(into.batch_sizes), len(row.batch_sizes))
+        mine, theirs = (
+            [*sizes, *[0] * (width - len(sizes))] for sizes in (into.batch_sizes, row.batch_sizes)
+        )
+        into.batch_sizes = [a + b for a, b in zip(mine, theirs, strict=True)]
     if row.backlog is not None:
         into.backlog = row.backlog if into.backlog is None else max(into.backlog, row.backlog)
     into.crash_loop = into.crash_loop or row.crash_loop

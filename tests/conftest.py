@@ -109,6 +109,16 @@ def scaling_app(broker_url: str):
 
 
 @pytest.fixture
+def batching_app(broker_url: str):
+    """The batching test app, pointed at the private Redis."""
+    from .apps import batching
+
+    batching.app.conf.broker_url = broker_url
+    batching.app.conf.result_backend = broker_url
+    return batching
+
+
+@pytest.fixture
 def gpu_app(broker_url: str):
     """The GPU test app, pointed at the private Redis."""
     from .apps import gpu

@@ -131,6 +131,7 @@ def test_metrics_are_prefixed_and_labelled_by_function_and_node() -> None:
         "celery_concurrent_leases_lost",
         "celery_concurrent_swept",
         "celery_concurrent_cold_start_seconds",
+        "celery_concurrent_batch_size",
     }
     counters = ("ups", "downs", "crashes", "recycles", "leases_lost", "swept")
     assert {f.type for n, f in families.items() if n.endswith(counters)} == {"counter"}

@@ -33,6 +33,7 @@ from ..constants import (
     SUPERVISOR_CHECK_INTERVAL,
 )
 from ..contract import IDENT_ENV, REPORT_ENV, SUPERVISOR_PID_ENV, LoadReport
+from .batches import STATS as BATCH_STATS
 
 logger = get_logger(__name__)
 
@@ -136,6 +137,7 @@ class LoadReporter(bootsteps.StartStopStep):
                     busy_at=busy_at,
                     ready=self._ready,
                     held=self._held,
+                    **BATCH_STATS.report_fields(),
                 )
                 try:
                     sock.sendto(report.encode(), self.address)

@@ -20,6 +20,7 @@ from ..contract import REPORT_ENV, container_nodename
 from ..errors import ConfigurationError
 from ..routing import declare_queue
 from ..spec import ASYNC_POOL, FunctionSpec
+from .batches import serve_batches
 
 logger = get_logger(__name__)
 
@@ -28,8 +29,13 @@ THREAD_POOL_CLS = "celery_concurrent.container.thread_pool:ThreadPool"
 
 
 def pool_for(spec: FunctionSpec) -> str:
-    """The Celery pool a container of ``spec`` runs its inputs on."""
-    if spec.pool == ASYNC_POOL:
+    """The Celery pool a container of ``spec`` runs its inputs on.
+
+    The items of a ``@batched`` function wait for their batch on the event loop, sync or
+    async: an item costs no thread, and a sync function's batches run on threads of
+    their own (``batches.py``).
+    """
+    if spec.pool == ASYNC_POOL or spec.max_batch_size is not None:
         return ASYNCIO_POOL_CLS
     if spec.pool == "threads":
         return THREAD_POOL_CLS
@@ -51,7 +57,8 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
         )
     host = worker.hostname.partition("@")[2] or socket.gethostname()
     worker.hostname = container_nodename(spec, ident if ident is not None else _pid(), host)
-    worker.concurrency = spec.max_inputs
+    # A batched container holds up to max_inputs batches of max_batch_size items each.
+    worker.concurrency = spec.max_items
     worker.pool_cls = pool_for(spec)
     worker.prefetch_multiplier = 1
     worker.options.update(autoscale=None, without_gossip=True)
@@ -71,6 +78,8 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
     # The prefetch gate (early acks) and acks_late already bound what a container holds.
     worker.app.conf.worker_enable_prefetch_count_reduction = False
     declare_queue(worker.app, spec.queue)
+    if spec.max_batch_size is not None:
+        serve_batches(worker.app, spec)
     worker.app.amqp.queues.select([spec.queue])
     logger.info(
         "celery-concurrent: container %s serves %s from queue %s with %s %s",

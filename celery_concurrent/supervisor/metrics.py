@@ -24,6 +24,8 @@ metric                                      type      meaning
 ``celery_concurrent_swept_total``           counter   inputs of lost nodes given back
 ``celery_concurrent_cold_start_seconds``    histogram start of a container to its first
                                                       ready report
+``celery_concurrent_batch_size``            histogram items per call of a ``@batched``
+                                                      function (its sum / count: the mean)
 =========================================== ========= =====================================
 """
 
@@ -42,7 +44,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ..constants import DEFAULT_METRICS_ADDRESS
+from ..constants import BATCH_SIZE_BUCKETS, DEFAULT_METRICS_ADDRESS
 from .supervisor import Supervisor
 
 logger = get_logger(__name__)
@@ -122,6 +124,28 @@ class SupervisorCollector(Collector):
         yield from gauges.values()
         yield from counters.values()
         yield cold_starts
+        yield batch_size_histogram(rows, self.node)
+
+
+def batch_size_histogram(rows: list[dict[str, Any]], node: str) -> HistogramMetricFamily:
+    """The batch sizes of each ``@batched`` function, from its status row."""
+    family = HistogramMetricFamily(
+        PREFIX + "batch_size",
+        "Items per call of a @batched function.",
+        labels=LABELS,
+    )
+    for row in rows:
+        counts = row.get("batch_sizes") or []
+        if not row.get("max_batch_size") or not counts:
+            continue
+        running, buckets = 0, []
+        for bound, count in zip(BATCH_SIZE_BUCKETS, counts, strict=False):
+            running += count
+            buckets.append((_bound_label(bound), running))
+        buckets.append(("+Inf", running))
+        labels = [row["function"], node, row.get("scope") or "node"]
+        family.add_metric(labels, buckets, float(row.get("batched_items") or 0))
+    return family
 
 
 def _bound_label(bound: float) -> str:

@@ -24,6 +24,7 @@ def function_status(
     """The row ``concurrent status`` shows of ``pool`` on this node; ``scope`` adds what
     the node's scope knows (``ClusterScope.describe``)."""
     event = pool.last_event
+    batch_sizes, batched_items = pool.batch_sizes()
     return FunctionStatus.of_spec(
         pool.spec,
         node=hostname,
@@ -32,7 +33,7 @@ def function_status(
         retiring=len(pool.retiring),
         in_flight=pool.in_flight,
         backlog=pool.backlog,
-        capacity=pool.live * pool.spec.target_inputs,
+        capacity=pool.live * pool.spec.target_items,
         crashes=pool.crashes,
         recycles=pool.recycles,
         crash_loop=pool.crash_looping,
@@ -44,6 +45,8 @@ def function_status(
         pids=sorted(c.process.pid or 0 for c in pool.containers.values()),
         gpu_devices=gpu_devices(pool, hostname, devices),
         placeable=placeable,
+        batch_sizes=batch_sizes if pool.spec.max_batch_size else [],
+        batched_items=batched_items,
         **(scope or {}),
     )
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..constants import COLD_START_BUCKETS, CRASH_WINDOW_SECONDS
+from ..constants import BATCH_SIZE_BUCKETS, COLD_START_BUCKETS, CRASH_WINDOW_SECONDS
 from ..contract import LoadReport
 from ..spec import FunctionSpec
 from .policy import ContainerState, crash_backoff
@@ -104,6 +104,20 @@ class FunctionPool:
     scale_ups: int = 0
     scale_downs: int = 0
     cold_starts: ColdStarts = field(default_factory=ColdStarts)
+    #: the batches (per size bucket) and items of containers that have exited
+    exited_batch_sizes: list[int] = field(default_factory=lambda: [0] * len(BATCH_SIZE_BUCKETS))
+    exited_batched_items: int = 0
+
+    def batch_sizes(self) -> tuple[list[int], int]:
+        """A ``@batched`` function's batches on this node, per bucket of
+        ``BATCH_SIZE_BUCKETS``, and the items they held, since the node started."""
+        counts, items = list(self.exited_batch_sizes), self.exited_batched_items
+        for container in [*self.containers.values(), *self.retiring.values()]:
+            report = container.report
+            if report is not None and report.batch_sizes:
+                counts = [a + b for a, b in zip(counts, report.batch_sizes, strict=False)]
+                items += report.batched_items
+        return counts, items
 
     @property
     def in_flight(self) -> int:
@@ -137,7 +151,14 @@ class FunctionPool:
 
     def forget(self, ident: str) -> Container | None:
         """Drop a container that has exited, running or retiring; return it."""
-        return self.containers.pop(ident, None) or self.retiring.pop(ident, None)
+        gone = self.containers.pop(ident, None) or self.retiring.pop(ident, None)
+        report = gone.report if gone is not None else None
+        if report is not None and report.batch_sizes:
+            self.exited_batch_sizes = [
+                a + b for a, b in zip(self.exited_batch_sizes, report.batch_sizes, strict=False)
+            ]
+            self.exited_batched_items += report.batched_items
+        return gone
 
     def record_crash(self, container: Container, error: str, now: float) -> float:
         """Count a crash (``error`` says how it ended); return the back-off before the

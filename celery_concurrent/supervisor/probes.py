@@ -9,13 +9,12 @@ beyond their free slots, so this is the true backlog.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from celery import Celery
 from celery.utils.log import get_logger
 from kombu.exceptions import ChannelError, OperationalError
 
-from ..brokers import is_redis
+from ..brokers import is_redis, redis_queue_lengths
 from ..constants import RECONNECT_INTERVAL
 from ..redact import mask_urls
 from .broker import OwnChannel
@@ -62,7 +61,7 @@ class BacklogProbe(OwnChannel):
         if not is_redis(self.app):
             return {queue: self.backlog(queue) for queue in queues}
         try:
-            counts = _redis_lengths(channel, queues)
+            counts = redis_queue_lengths(channel, queues)
         except self.connection_errors as exc:
             self._unreachable(now, exc)
             return dict.fromkeys(queues)
@@ -115,20 +114,3 @@ class BacklogProbe(OwnChannel):
                 channel.close()
             except Exception:  # noqa: BLE001 - already closed by the broker
                 pass
-
-
-def _redis_lengths(channel: Any, queues: list[str]) -> dict[str, int | None]:
-    """``LLEN`` of each queue and its priority sub-queues, named as kombu's Redis
-    transport names them, in one pipelined round trip."""
-    keys = {
-        queue: [
-            queue if not step else f"{queue}{channel.sep}{step}" for step in channel.priority_steps
-        ]
-        for queue in queues
-    }
-    with channel.client.pipeline(transaction=False) as pipe:
-        for names in keys.values():
-            for name in names:
-                pipe.llen(name)
-        lengths = iter(pipe.execute())
-    return {queue: sum(next(lengths) for _ in names) for queue, names in keys.items()}
