@@ -13,6 +13,9 @@ process, with the life stamps of that process (forked, worker created, consumer 
 The ``burst_*``, ``density_*`` and ``scaledown_ours`` tasks serve the scenario
 benchmarks (:mod:`benchmarks.bench_burst`, :mod:`benchmarks.bench_density`,
 :mod:`benchmarks.bench_scaledown`); they count themselves with :func:`record`.
+The ``cluster_*`` tasks serve :mod:`benchmarks.bench_cluster` (several nodes, cluster
+and node scope); they store their results, in a Redis result backend that the
+benchmark turns on (:data:`RESULT_BACKEND_FLAG`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,13 @@ app.conf.update(
         "benchmarks.apps.density_noop": {"queue": DENSITY_QUEUE},
     },
 )
+
+#: Set (to anything) in the environment of the publisher and the workers: results go to
+#: a Redis result backend, the broker's Redis, as in an app that reads its results. Only
+#: ``bench_cluster`` sets it; the other benchmarks run without a backend.
+RESULT_BACKEND_FLAG = "BENCH_RESULT_BACKEND"
+if os.environ.get(RESULT_BACKEND_FLAG):
+    app.conf.result_backend = BROKER
 
 _client: redis.Redis | None = None
 
@@ -265,3 +275,42 @@ def scaledown_ours(key: str, seconds: float) -> None:
     """Sleep, then note which process finished the input, and when."""
     time.sleep(seconds)
     store().rpush(key, json.dumps([os.getpid(), time.time()]))
+
+
+# -- cluster mode (bench_cluster) ------------------------------------------------------
+
+#: ``bench_cluster``: N=20 and at most 3 containers, over the cluster (cluster scope) or
+#: on each node (node scope)
+CLUSTER_MAX_INPUTS = 20
+CLUSTER_MAX_CONTAINERS = 3
+
+
+def sleep_recorded(key: str, total: int, seconds: float) -> None:
+    """Sleep ``seconds``, then count the input in the run's tally (:func:`record`)."""
+    started = time.time()
+    time.sleep(seconds)
+    record(key, total, started)
+
+
+@app.task(ignore_result=False)
+@concurrent(
+    max_inputs=CLUSTER_MAX_INPUTS, max_containers=CLUSTER_MAX_CONTAINERS, scaledown_window=1
+)
+def cluster_burst(key: str, total: int, seconds: float) -> None:
+    """The burst on three nodes (in cluster scope, then in node scope)."""
+    sleep_recorded(key, total, seconds)
+
+
+@app.task(ignore_result=False)
+@concurrent(
+    max_inputs=CLUSTER_MAX_INPUTS, max_containers=CLUSTER_MAX_CONTAINERS, scaledown_window=1
+)
+def cluster_burst_alone(key: str, total: int, seconds: float) -> None:
+    """:func:`cluster_burst` again, for the one node that runs beside the three."""
+    sleep_recorded(key, total, seconds)
+
+
+@app.task(ignore_result=False)
+@concurrent(max_inputs=CLUSTER_MAX_INPUTS, max_containers=CLUSTER_MAX_CONTAINERS, min_containers=1)
+def cluster_idle() -> None:
+    """Never called: its ``keep_warm`` container idles while the nodes' cost is measured."""

@@ -5,9 +5,9 @@ runs as its own process (``python -m benchmarks.bench_<name>``), which starts it
 private Redis and workers, stops every process it started, and writes
 ``benchmarks/results/<name>.json``. Some rounds are fewer than the modules' standalone
 defaults (reaction: 12 bursts a side, not 20; density: 3 runs of ours, 2 of the others;
-overhead: 3,000 inputs a run, not 4,000) so that the whole set takes about six minutes
-on a 2-core machine; every figure is still a median of several runs, or a ratio of
-medians, with its spread.
+overhead: 3,000 inputs a run, not 4,000; cluster: 3 bursts a side, not 5) so that the
+whole set takes about eight minutes on a 2-core machine; every figure is still a median
+of several runs, or a ratio of medians, with its spread.
 
 1. ``burst``: 2,000 inputs of ``sleep(0.5)``, ours (N=100, up to 4 containers, from
    zero) against plain Celery's prefork, threads and gevent pools.
@@ -17,6 +17,10 @@ medians, with its spread.
 4. ``density``: 10,000 inputs of ``asyncio.sleep(1)`` in one container.
 5. ``scaledown``: the last input to the container's exit, against
    ``container_idle_timeout``; ``keep_warm``; and ``results/scaling.png``.
+6. ``cluster``: a burst on three nodes in cluster scope against one node, with the
+   same bound over the cluster; what the leases cost Redis under load and at idle,
+   and an idle node's CPU, against ``--concurrent-scope node`` (10 s idle windows, not
+   20).
 
 It also writes ``results/summary.json`` and ``results/summary.md`` (the table as
 Markdown, for ``benchmarks/README.md``). ``--only burst,density`` runs some of them;
@@ -74,6 +78,12 @@ SCENARIOS = (
     ),
     Scenario("density", "4. Async density", ("--rounds", "3", "--compare-rounds", "2"), 240),
     Scenario("scaledown", "5. Scale-down", ("--rounds", "4"), 150),
+    Scenario(
+        "cluster",
+        "6. Cluster mode",
+        ("--rounds", "3", "--idle-seconds", "10", "--monitor-seconds", "5"),
+        240,
+    ),
 )
 
 
@@ -281,12 +291,69 @@ def scaledown_rows(report: dict[str, Any]) -> list[Row]:
     ]
 
 
+def cluster_rows(report: dict[str, Any]) -> list[Row]:
+    results, params = report["results"], report["parameters"]
+    found, load, idle = results["burst"], results["load"], results["idle"]
+    three, one, ratio = found["3 nodes"], found["1 node"], found["ratio_3_over_1"]
+    title = "6. cluster"
+    work = f"{params['inputs']:,} x sleep({params['seconds']:g}), limit 3"
+    cluster, node = load["cluster"], load["node"]
+    per_input = cluster["counted"]["commands_per_input"], node["counted"]["commands_per_input"]
+    idle_cluster, idle_node = idle["cluster"], idle["node"]
+    cost = results["idle_cost_of_cluster_mode"]
+    return [
+        Row(
+            title,
+            f"burst to first input, 3 nodes vs 1 ({work})",
+            _spread({k: 1000 * v for k, v in three["reaction_s"].items()}, "{:.0f}", " ms"),
+            _spread({k: 1000 * v for k, v in one["reaction_s"].items()}, "{:.0f}", " ms"),
+            f"{ratio['reaction']:.2f}x (3/1)",
+        ),
+        Row(
+            title,
+            "... wall, 3 nodes vs 1",
+            _spread(three["wall_s"], unit=" s"),
+            _spread(one["wall_s"], unit=" s"),
+            f"{ratio['wall']:.2f}x (3/1)",
+        ),
+        Row(
+            title,
+            "Redis commands per input, 3 nodes, cluster vs node scope",
+            f"{per_input[0]:.1f} (cluster mode's scripts "
+            f"{cluster['monitor']['cluster_mode_scripts_per_s']:.0f}/s)",
+            f"{per_input[1]:.1f}",
+            f"{per_input[0] / per_input[1]:.2f}x",
+        ),
+        Row(
+            title,
+            "idle node main process, cluster vs node scope",
+            _spread({k: 100 * v for k, v in idle_cluster["main_process_share"].items()}, unit=" %"),
+            f"{100 * idle_node['main_process_share']['median']:.2f} %",
+            f"+{100 * cost['main_process_share']:.2f} %",
+            f"<= {100 * results['target_idle_share']:.0f} %",
+            results["meets_idle_target"],
+        ),
+        Row(
+            title,
+            "idle Redis commands/s per node (client calls), cluster vs node scope",
+            f"{idle_cluster['counted']['commands_per_s_per_node']:.0f} "
+            f"({idle_cluster['monitor']['client_calls_per_s_per_node']:.0f})",
+            f"{idle_node['counted']['commands_per_s_per_node']:.0f} "
+            f"({idle_node['monitor']['client_calls_per_s_per_node']:.0f})",
+            f"+{cost['commands_per_s_per_node']:.0f} (+{cost['client_calls_per_s_per_node']:.0f})",
+            f"<= {results['idle_commands_ceiling_per_node']:.0f}",
+            results["idle_commands_within_ceiling"],
+        ),
+    ]
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "burst": burst_rows,
     "overhead": overhead_rows,
     "reaction": reaction_rows,
     "density": density_rows,
     "scaledown": scaledown_rows,
+    "cluster": cluster_rows,
 }
 
 

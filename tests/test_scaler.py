@@ -144,6 +144,23 @@ def test_a_stopping_container_drops_its_lease_at_once(kube, scaler, workers, rds
     until(scaler, {"containers": 1}, time.monotonic(), 2)  # not after a lease TTL
 
 
+def test_a_standalone_containers_lost_lease_is_taken_again(kube, scaler, workers, rds):
+    """Redis restarted without its data: the container's next renewal is refused, and it
+    takes its lease again (no bound: KEDA's maxReplicaCount is the bound on Kubernetes)."""
+    start_containers(workers, 1)
+    until(scaler, {"containers": 1}, time.monotonic(), 30)
+    leases = ContainerLeases(rds, GATED, "celery-concurrent")
+    rds.delete(leases.leases_key, leases.loads_key)
+    assert demand(scaler)["containers"] == 0
+    until(scaler, {"containers": 1}, time.monotonic(), RENEW_INTERVAL_S + 2)
+
+
+def test_a_standalone_container_in_node_scope_takes_no_lease(kube, workers, rds):
+    workers.start(APP, "--concurrent-function", GATED, env={"CC_SCOPE": "node"})
+    time.sleep(RENEW_INTERVAL_S)
+    assert ContainerLeases(rds, GATED, "celery-concurrent").count() == 0
+
+
 def test_supervised_containers_hold_only_their_nodes_lease(kube, scaler, workers, rds):
     """A node's containers are counted once, by their node's lease (not their own too),
     and their inputs count in the demand like a standalone container's."""

@@ -22,6 +22,9 @@ app.conf.update(
     result_expires=600,
 )
 
+if os.environ.get("CC_SCOPE"):
+    app.conf.concurrent_scope = os.environ["CC_SCOPE"]
+
 GATE = "kube:gate"
 
 
