@@ -182,3 +182,23 @@ def test_a_node_that_cannot_place_a_function_does_not_count_as_its_peer(rds):
             node.supervisor.turn(0.0)
         _, peers = Leases(rds, FETCH.name).view()
         assert peers == 1
+
+
+def test_at_rest_a_node_reads_the_others_once_a_second_and_every_turn_with_work(rds):
+    with two_nodes(rds, FETCH) as (a, _):
+        leases = a.supervisor.scope.leases(FETCH.name)
+        real_view, reads = leases.view, []
+
+        def counted():
+            reads.append(1)
+            return real_view()
+
+        leases.view = counted  # type: ignore[method-assign]
+        for i in range(20):
+            a.supervisor.turn(i * 0.05)
+        assert 1 <= len(reads) <= 2  # twenty turns well within a second, at rest
+        reads.clear()
+        a.probe.backlog_of[FETCH.queue] = 5
+        for i in range(5):
+            a.supervisor.turn(1.0 + i * 0.05)
+        assert len(reads) == 5

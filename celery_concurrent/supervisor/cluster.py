@@ -43,6 +43,13 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
+#: how often a function at rest on this node (no backlog, nothing in flight, no
+#: container starting) reads the other nodes' containers; with work, every turn. A node
+#: at rest decides nothing a second-old view gets wrong: a start is admitted by the
+#: lease's own count, an idle retirement by its release. Reading every turn cost an idle
+#: node a third of a percent of a core per function (``benchmarks/bench_cluster.py``).
+IDLE_VIEW_SECONDS = 1.0
+
 #: a retirement that :meth:`ClusterScope.maintain` asks for: (pool, container ident, why)
 Lost = tuple["FunctionPool", str, str]
 
@@ -52,7 +59,7 @@ class NodeScope:
 
     name = "node"
 
-    def elsewhere(self, pool: FunctionPool) -> tuple[ContainerState, ...] | None:
+    def elsewhere(self, pool: FunctionPool, backlog: int = 0) -> tuple[ContainerState, ...] | None:
         return ()
 
     def bounds(self, spec: FunctionSpec) -> FunctionSpec:
@@ -134,8 +141,9 @@ class ClusterScope:
         self._held: set[str] = set()
         #: the others' load records, by function, as last read
         self._seen: dict[str, dict[str, ContainerLoad]] = {}
-        #: by function: the nodes that serve it and could place it, this one included
-        self._peers: dict[str, int] = {}
+        #: by function: when the others' containers were last read, what they were, and
+        #: how many nodes serve it and could place it (this one included)
+        self._views: dict[str, tuple[float, tuple[ContainerState, ...], int]] = {}
         self._renewed_at = time.monotonic()
         self._next_renewal = 0.0
         self._unreachable_since: float | None = None
@@ -148,23 +156,29 @@ class ClusterScope:
 
     # -- what the policy sees ----------------------------------------------------------
 
-    def elsewhere(self, pool: FunctionPool) -> tuple[ContainerState, ...] | None:
-        """The function's containers on other nodes; ``None`` when Redis cannot say."""
+    def elsewhere(self, pool: FunctionPool, backlog: int = 0) -> tuple[ContainerState, ...] | None:
+        """The function's containers on other nodes; ``None`` when Redis cannot say.
+        Read every turn while the function has work here, else every
+        :data:`IDLE_VIEW_SECONDS`."""
+        name = pool.spec.name
+        cached = self._views.get(name)
+        if (
+            not _busy(pool, backlog)
+            and cached is not None
+            and time.monotonic() - cached[0] < IDLE_VIEW_SECONDS
+        ):
+            return cached[1]
         try:
-            loads, peers = self.leases(pool.spec.name).view()
+            loads, peers = self.leases(name).view()
         except self._errors as exc:
             self._failed(exc)
             return None
         self._reached()
-        self._peers[pool.spec.name] = max(1, peers)
         mine = {self.member(pool.spec, ident) for ident in (*pool.containers, *pool.retiring)}
         others = {member: load for member, load in loads.items() if member not in mine}
-        self._seen[pool.spec.name] = others
-        return tuple(
-            ContainerState(member, load.in_flight, load.idle_now, starting=not load.ready)
-            for member, load in sorted(others.items())
-            if not load.draining
-        )
+        self._seen[name] = others
+        self._views[name] = (time.monotonic(), states(others), max(1, peers))
+        return self._views[name][1]
 
     def bounds(self, spec: FunctionSpec) -> FunctionSpec:
         """``spec`` with the strictest ``max_containers`` any node holding a lease has."""
@@ -172,7 +186,7 @@ class ClusterScope:
 
     def peers(self, pool: FunctionPool) -> int:
         """The nodes that serve the function and could place it, as last read."""
-        return self._peers.get(pool.spec.name, 1)
+        return self._views.get(pool.spec.name, (0.0, (), 1))[2]
 
     # -- a container's lease -----------------------------------------------------------
 
@@ -237,7 +251,7 @@ class ClusterScope:
             if time.monotonic() - self._renewed_at <= self.ttl:
                 return lost
             # Its leases have lapsed by now: others may hold the limit.
-            cut_off = self._leased(pools)
+            cut_off = _leased(pools, self._held, self.member)
             for pool, ident in cut_off:
                 self._held.discard(self.member(pool.spec, ident))
                 self.lost[pool.spec.name] = self.lost.get(pool.spec.name, 0) + 1
@@ -270,14 +284,6 @@ class ClusterScope:
                 lost.append((pool, ident, "lease lost: the limit is held by other nodes"))
         return lost
 
-    def _leased(self, pools: Mapping[str, FunctionPool]) -> list[tuple[FunctionPool, str]]:
-        return [
-            (pool, ident)
-            for pool in pools.values()
-            for ident in pool.containers
-            if self.member(pool.spec, ident) in self._held
-        ]
-
     def _sweep(self) -> None:
         if self.sweep is None:
             return
@@ -293,15 +299,12 @@ class ClusterScope:
 
     def describe(self, pool: FunctionPool) -> dict[str, Any]:
         """The cluster's view of the function, for this node's status row."""
-        others = self._seen.get(pool.spec.name, {})
-        mine = spec_digest(pool.spec)
+        name = pool.spec.name
+        row = cluster_row(pool, self._seen.get(name, {}), self.lost.get(name, 0))
         return {
-            "scope": self.name,
-            "cluster_containers": len(others) + pool.live + len(pool.retiring),
-            "spec_conflict": any(load.spec_digest != mine for load in others.values()),
+            **row,
             "coordination_reachable": self._unreachable_since is None,
-            "leases_lost": self.lost.get(pool.spec.name, 0),
-            "swept": self.swept.get(pool.spec.name, 0),
+            "swept": self.swept.get(name, 0),
         }
 
     def leases(self, function: str) -> ContainerLeases:
@@ -362,6 +365,46 @@ def container_load(
         draining=draining,
         max_containers=pool.spec.max_containers,
     )
+
+
+def _leased(
+    pools: Mapping[str, FunctionPool], held: set[str], member: Callable[[FunctionSpec, str], str]
+) -> list[tuple[FunctionPool, str]]:
+    """The running containers that hold a lease."""
+    return [
+        (pool, ident)
+        for pool in pools.values()
+        for ident in pool.containers
+        if member(pool.spec, ident) in held
+    ]
+
+
+def _busy(pool: FunctionPool, backlog: int) -> bool:
+    """Work for the function here: a backlog, inputs in flight, a container starting."""
+    return backlog > 0 or pool.in_flight > 0 or any(not c.ready for c in pool.containers.values())
+
+
+def states(others: Mapping[str, ContainerLoad]) -> tuple[ContainerState, ...]:
+    """What the policy sees of the other nodes' containers: the draining ones are no
+    capacity (they still hold their leases, so the limit still counts them)."""
+    return tuple(
+        ContainerState(member, load.in_flight, load.idle_now, starting=not load.ready)
+        for member, load in sorted(others.items())
+        if not load.draining
+    )
+
+
+def cluster_row(
+    pool: FunctionPool, others: Mapping[str, ContainerLoad], lost: int
+) -> dict[str, Any]:
+    """The cluster's part of the function's status row on this node."""
+    mine = spec_digest(pool.spec)
+    return {
+        "scope": "cluster",
+        "cluster_containers": len(others) + pool.live + len(pool.retiring),
+        "spec_conflict": any(load.spec_digest != mine for load in others.values()),
+        "leases_lost": lost,
+    }
 
 
 def _containers(pool: FunctionPool) -> list[tuple[str, Container, bool]]:

@@ -307,7 +307,7 @@ class Supervisor:
         }
         share = node_share(self.settings.node_max_containers, pool.spec.name, loads)
         free_slots = None if pool.spec.gpu is None else self.devices.capacity(pool.spec.gpu)
-        elsewhere = self.scope.elsewhere(pool) if backlog is not None else ()
+        elsewhere = self.scope.elsewhere(pool, backlog) if backlog is not None else ()
         return Observation(
             self.scope.bounds(pool.spec),
             None if elsewhere is None else backlog,  # Redis cannot say: keep what runs
