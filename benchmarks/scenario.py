@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -175,6 +176,21 @@ def worker_command(args: Sequence[str], env: dict[str, str] | None = None) -> st
     """How a side's worker is started, as a user would type it."""
     prefix = [f"{name}={value}" for name, value in (env or {}).items()]
     return " ".join([*prefix, "celery -A", APP, "worker", *args])
+
+
+@dataclass(frozen=True)
+class WorkerSide:
+    """One side of a benchmark: a worker of ``app`` that runs ``task`` from ``queue``."""
+
+    name: str
+    task: str
+    queue: str
+    worker_args: tuple[str, ...]
+    app: str = APP
+
+    @property
+    def command(self) -> str:
+        return worker_command(self.worker_args).replace(APP, self.app, 1)
 
 
 def rotations(sides: Sequence[T], rounds: int, warm_up: bool = False) -> list[tuple[int, T]]:

@@ -101,11 +101,14 @@ def test_io_bound_example_runs_its_calls_concurrently_in_sync_and_async_containe
 
 def test_batching_example_throughput_rises_with_allow_concurrent_inputs(broker_url):
     rows = last_json(run_example("examples.batching", "--quick", "--json"))
-    assert [r["allow_concurrent_inputs"] for r in rows] == [1, 8, 32]
+    assert [r["allow_concurrent_inputs"] for r in rows] == [1, 8, 32, 1]
     assert [round(r["mean_batch"]) for r in rows][0] == 1
     assert rows[1]["mean_batch"] > 4 and rows[2]["mean_batch"] > rows[1]["mean_batch"]
     throughput = [r["inputs_per_s"] for r in rows]
     assert throughput[0] * 2 < throughput[1] < throughput[2], throughput
+    # @batched: one call for the prompts that arrived together, one container slot.
+    assert rows[3]["max_batch_size"] == 32 and rows[3]["mean_batch"] > 4
+    assert throughput[3] > throughput[0] * 2, throughput
 
 
 def test_gpu_example_runs_only_on_the_simulated_gpu_node_one_device_per_container(broker_url):

@@ -1,8 +1,11 @@
-"""``python -m examples.batching``: throughput rising with ``allow_concurrent_inputs``.
+"""``python -m examples.batching``: throughput rising with ``allow_concurrent_inputs``,
+and with ``@batched``.
 
 The same prompts go to ``generate_1``, ``generate_8`` and ``generate_32`` (one container
-each). A model step costs the same for 1 or 32 sequences, so the more inputs a container
-runs at once, the more sequences share each step.
+each, continuous batching over the inputs a container runs at once) and to
+``generate_batched`` (``@batched(max_batch_size=32)``: one call for the prompts that
+arrived together). A model step costs the same for 1 or 32 sequences, so the more
+sequences share each step, the more tokens a second.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             (
                 "FUNCTION",
                 "ALLOW_CONCURRENT_INPUTS",
+                "MAX_BATCH_SIZE",
                 "INPUTS",
                 "WALL",
                 "INPUTS/S",
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 (
                     r["function"].rsplit(".", 1)[1],
                     r["allow_concurrent_inputs"],
+                    r["max_batch_size"] or "-",
                     r["inputs"],
                     f"{r['wall_s']:.2f} s",
                     f"{r['inputs_per_s']:.1f}",
@@ -71,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(stack: Stack, inputs: int, tokens: int) -> list[dict[str, Any]]:
-    from .app import app, generate_1, generate_8, generate_32
+    from .app import app, generate_1, generate_8, generate_32, generate_batched
 
-    functions = (generate_1, generate_8, generate_32)
+    functions = (generate_1, generate_8, generate_32, generate_batched)
     print(stack.describe())
     stack.purge(app)
     stack.start_node()
@@ -96,6 +101,7 @@ def run(stack: Stack, inputs: int, tokens: int) -> list[dict[str, Any]]:
             {
                 "function": task.name,
                 "allow_concurrent_inputs": spec.max_inputs,
+                "max_batch_size": spec.max_batch_size,
                 "inputs": inputs,
                 "wall_s": wall,
                 "inputs_per_s": inputs / wall,

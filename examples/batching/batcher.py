@@ -85,6 +85,23 @@ class ContinuousBatcher:
         await asyncio.sleep(self.step_seconds)
 
 
+async def static_batch(
+    prompts: list[str], max_tokens: list[int], step_seconds: float = STEP_SECONDS
+) -> list[Completion]:
+    """Dynamic (static) batching: the whole batch steps together until its longest
+    sequence is done; nobody joins or leaves in between (what ``@batched`` calls)."""
+    tokens: list[list[str]] = [[] for _ in prompts]
+    for _ in range(max(max_tokens)):
+        await asyncio.sleep(step_seconds)  # one forward pass over the whole batch
+        for want, made in zip(max_tokens, tokens, strict=True):
+            if len(made) < want:
+                made.append(f"t{len(made)}")
+    return [
+        Completion(text=f"{p} -> {' '.join(t)}", tokens=len(t), mean_batch=len(prompts))
+        for p, t in zip(prompts, tokens, strict=True)
+    ]
+
+
 _batchers: dict[asyncio.AbstractEventLoop, ContinuousBatcher] = {}
 
 
