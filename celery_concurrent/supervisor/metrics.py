@@ -12,7 +12,8 @@ metric                                      type      meaning
 ``celery_concurrent_containers``            gauge     running containers (not draining)
 ``celery_concurrent_in_flight``             gauge     inputs the containers hold
 ``celery_concurrent_backlog``               gauge     inputs waiting in the function's queue
-``celery_concurrent_capacity``              gauge     containers x ``target_inputs``
+``celery_concurrent_capacity``              gauge     containers x ``target_inputs`` (x
+                                                      ``max_batch_size`` if batched)
 ``celery_concurrent_min_containers``        gauge     ``min_containers`` (``keep_warm``)
 ``celery_concurrent_max_containers``        gauge     ``max_containers``, else the node bound
 ``celery_concurrent_scale_ups_total``       counter   decisions that added containers
