@@ -874,3 +874,17 @@ def test_each_node_starts_its_share_of_a_scale_up(peers: int, elsewhere: int, ex
         peers=peers,
     )
     assert decide(obs).start == expected
+
+
+def test_a_batched_function_counts_its_capacity_in_items():
+    from celery_concurrent.batching import BatchSettings
+
+    batched = FunctionSpec.from_options(
+        "proj.embed", {"max_inputs": 2}, batch=BatchSettings(max_batch_size=32, wait_ms=20)
+    )
+    # 2 batches of 32 per container: 100 items need 2 containers, not 50.
+    decision = decide(Observation(batched, 100, ()))
+    assert (decision.desired, decision.start) == (2, 2)
+    assert "capacity 0" in decision.reason
+    busy_one = decide(Observation(batched, 0, (busy("1", 64),)))
+    assert busy_one.desired == 1 and "capacity 64" in busy_one.reason

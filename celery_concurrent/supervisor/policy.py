@@ -8,7 +8,8 @@ Read top to bottom it is the whole rule:
   (``elsewhere``, as their leases show them): the bounds and the demand are the
   function's over the whole cluster;
 * ``demand = backlog + in_flight`` of every container;
-* ``desired = ceil(demand / target_inputs)``, plus ``buffer_containers`` while busy,
+* ``desired = ceil(demand / target_items)`` (``target_inputs``, times ``max_batch_size``
+  for a ``@batched`` function: a slot runs a batch), plus ``buffer_containers`` while busy,
   clamped to ``[min_containers, max_containers]``;
 * this node may hold at most its capacity: the function's share of the node
   (:func:`node_share`: every busy function may use its fair share even when others fill
@@ -132,7 +133,7 @@ def decide(obs: Observation) -> Decision:
     buffered_containers = _apply_buffer(obs.spec, demand, demanded_containers)
     desired = _apply_bounds(obs.spec, buffered_containers)
     here = _here(obs, desired)
-    capacity = total * obs.spec.target_inputs
+    capacity = total * obs.spec.target_items
     load = f"backlog {obs.backlog}, in flight {obs.in_flight}, capacity {capacity}"
     share = math.ceil((desired - total) / max(1, obs.peers))
     start = min(desired - total, here - live, share)
@@ -195,7 +196,7 @@ def _why_retire(obs: Observation, chosen: Retirement) -> str:
 
 
 def _containers_for(spec: FunctionSpec, demand: int) -> int:
-    return math.ceil(demand / spec.target_inputs)
+    return math.ceil(demand / spec.target_items)
 
 
 def _apply_buffer(spec: FunctionSpec, demand: int, desired: int) -> int:
