@@ -129,7 +129,26 @@ def node_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def with_batches(
+    rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    """``columns`` and, when a row is a ``@batched`` function's, its mean batch size."""
+    if not any(row.get("max_batch_size") for row in rows):
+        return columns
+    keys = [key for key, _ in columns]
+    at = keys.index("in_flight") if "in_flight" in keys else len(columns)
+    return (*columns[:at], ("batch_text", "BATCH (mean/max)"), *columns[at:])
+
+
+def batch_text(row: dict[str, Any]) -> str:
+    if not row.get("max_batch_size"):
+        return "-"
+    mean = row.get("batch_size_mean")
+    return f"{'-' if mean is None else format(mean, '.1f')}/{row['max_batch_size']}"
+
+
 def render_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...] = COLUMNS) -> str:
+    columns = with_batches(rows, columns)
     errors_apart = any(key == "errors" for key, _ in columns)
     cells = [[header for _, header in columns]]
     for row in rows:
@@ -143,6 +162,7 @@ def render_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...
             "last_event": error or row.get("last_event") or "-",
             "utilisation": utilisation(row),
             "errors": errors_of(row),
+            "batch_text": batch_text(row),
         }
         cells.append([str(view[key]) for key, _ in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]

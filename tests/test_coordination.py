@@ -152,3 +152,14 @@ def test_nodes_that_disagree_on_the_bounds_are_flagged_and_the_strictest_shows()
         }
     )
     assert mixed.scope == "mixed"
+
+
+def test_the_status_table_shows_a_batch_column_only_for_batched_functions():
+    from celery_concurrent.cli import render_table
+
+    plain = FunctionStatus.of_spec(FunctionSpec.from_options("proj.fetch", {})).as_dict()
+    assert "BATCH" not in render_table([plain])
+    batched = dict(plain, function="proj.embed", max_batch_size=32, batch_size_mean=7.25)
+    table = render_table([plain, batched]).splitlines()
+    assert "BATCH (mean/max)" in table[0]
+    assert "7.2/32" in table[2] and "7.2/32" not in table[1]
