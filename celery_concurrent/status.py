@@ -233,7 +233,14 @@ def _merge_bounds(into: FunctionStatus, row: FunctionStatus, first: bool) -> Non
     """Nodes that disagree on a function's bounds: flag it, and show what holds."""
     if first:
         return
-    bounds = ("min_containers", "max_containers", "max_inputs", "target_inputs")
+    bounds = (
+        "min_containers",
+        "max_containers",
+        "max_inputs",
+        "target_inputs",
+        "max_batch_size",
+        "wait_ms",
+    )
     if any(getattr(into, key) != getattr(row, key) for key in bounds):
         into.spec_conflict = True
     limits = [m for m in (into.max_containers, row.max_containers) if m is not None]

@@ -163,3 +163,12 @@ def test_the_status_table_shows_a_batch_column_only_for_batched_functions():
     table = render_table([plain, batched]).splitlines()
     assert "BATCH (mean/max)" in table[0]
     assert "7.2/32" in table[2] and "7.2/32" not in table[1]
+
+
+def test_nodes_that_disagree_on_a_batch_size_are_flagged():
+    other = node_row()
+    other.max_batch_size, other.wait_ms = 16, 20
+    mine = node_row()
+    mine.max_batch_size, mine.wait_ms = 32, 20
+    (row,) = merge({"n1@host": [mine], "n2@host": [other]})
+    assert row.spec_conflict
