@@ -84,6 +84,7 @@ SCENARIOS = (
         ("--rounds", "3", "--idle-seconds", "10", "--monitor-seconds", "5"),
         240,
     ),
+    Scenario("batching", "7. Dynamic batching", ("--rounds", "2"), 300),
 )
 
 
@@ -347,6 +348,39 @@ def cluster_rows(report: dict[str, Any]) -> list[Row]:
     ]
 
 
+BATCHING_LOADS = {"burst": "burst", "steady": "steady load", "trickle": "trickle"}
+
+
+def batching_rows(report: dict[str, Any]) -> list[Row]:
+    """``@batched`` against celery-batches (when installed) on each load."""
+    rows = []
+    for key, load in BATCHING_LOADS.items():
+        sides = report["results"].get(key) or {}
+        ours, peer = sides.get("batched"), sides.get("batches")
+        if ours is None:
+            continue
+        other = (
+            "not installed"
+            if peer is None
+            else (f"{peer['items_per_s']['median']:.0f}/s, p50 {peer['p50_ms']['median']:.0f} ms")
+        )
+        ratio = (
+            ""
+            if peer is None
+            else (f"{ours['items_per_s']['median'] / peer['items_per_s']['median']:.2f}x")
+        )
+        rows.append(
+            Row(
+                "7. batching",
+                f"@batched vs celery-batches, {load} (items/s, p50)",
+                f"{ours['items_per_s']['median']:.0f}/s, p50 {ours['p50_ms']['median']:.0f} ms",
+                other,
+                ratio,
+            )
+        )
+    return rows
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "burst": burst_rows,
     "overhead": overhead_rows,
@@ -354,6 +388,7 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "density": density_rows,
     "scaledown": scaledown_rows,
     "cluster": cluster_rows,
+    "batching": batching_rows,
 }
 
 
