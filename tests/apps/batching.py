@@ -7,6 +7,7 @@ that really ran and how many ran at once.
 
 from __future__ import annotations
 
+import json
 import os
 
 from celery import Celery
@@ -35,6 +36,11 @@ def record(name: str, size: int) -> None:
 def sizes(name: str) -> list[int]:
     """The size of every batch ``name`` ran, in order."""
     return [int(n) for n in store().lrange(f"sizes:{name}", 0, -1)]
+
+
+def batches(name: str) -> list[list[str]]:
+    """The items of every batch ``name`` ran, in order (functions that record them)."""
+    return [json.loads(b) for b in store().lrange(f"batches:{name}", 0, -1)]
 
 
 @app.task
@@ -66,6 +72,7 @@ def negate(xs: list[int]) -> list[int]:
 def fragile(words: list[str]) -> list[str]:
     """Fails its whole batch on ``"boom"``; returns one result too few on ``"short"``."""
     record("fragile", len(words))
+    store().rpush("batches:fragile", json.dumps(words))
     if "boom" in words:
         raise ValueError(f"boom in {words}")
     if "short" in words:
