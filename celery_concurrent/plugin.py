@@ -26,6 +26,7 @@ from .constants import (
 from .container.health import HealthFiles
 from .container.heartbeat import LeaseHeartbeat
 from .container.held_renewal import HeldRenewal
+from .container.intake import RedisIntake
 from .container.prefetch_gate import PrefetchGate
 from .container.reporter import LoadReporter
 from .container.revokes import RevokeSync
@@ -137,6 +138,7 @@ def install(app: Celery) -> Celery:
     app.steps["worker"].add(LeaseHeartbeat)
     app.steps["worker"].add(HealthFiles)
     app.steps["consumer"].add(PrefetchGate)
+    app.steps["consumer"].add(RedisIntake)
     app.steps["consumer"].add(RevokeSync)
     app.steps["worker"].add(MetricsStep)
     return app

@@ -36,6 +36,12 @@ def sleepy(key: str, seconds: float | None = 1.0) -> str:
     return recorder.sleep(key, seconds)
 
 
+@app.task(acks_late=True)
+@concurrent(allow_concurrent_inputs=50)
+def late_sleepy(key: str, seconds: float | None = 1.0) -> str:
+    return recorder.sleep(key, seconds)
+
+
 @app.task
 @concurrent(allow_concurrent_inputs=2000)
 async def async_sleepy(key: str, seconds: float | None = 1.0) -> str:
