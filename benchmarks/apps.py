@@ -314,3 +314,24 @@ def cluster_burst_alone(key: str, total: int, seconds: float) -> None:
 @concurrent(max_inputs=CLUSTER_MAX_INPUTS, max_containers=CLUSTER_MAX_CONTAINERS, min_containers=1)
 def cluster_idle() -> None:
     """Never called: its ``keep_warm`` container idles while the nodes' cost is measured."""
+
+
+# -- CPU per input at 100 threads (bench_threads) --------------------------------------
+
+#: ``bench_threads``: one container of 100 threads, against ``-P threads -c 100``
+THREADS_MAX_INPUTS = 100
+#: the queue of the plain worker ``bench_threads`` compares with
+THREADS_QUEUE = "bench.threads.plain"
+
+
+@app.task(ignore_result=False)
+@concurrent(max_inputs=THREADS_MAX_INPUTS, max_containers=1)
+def threads_ours(key: str, total: int, seconds: float) -> None:
+    """Sleep, count the input (:func:`sleep_recorded`); its result is stored."""
+    sleep_recorded(key, total, seconds)
+
+
+@app.task(ignore_result=False, queue=THREADS_QUEUE)
+def threads_plain(key: str, total: int, seconds: float) -> None:
+    """:func:`threads_ours` as a plain task."""
+    sleep_recorded(key, total, seconds)

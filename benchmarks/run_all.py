@@ -85,6 +85,7 @@ SCENARIOS = (
         240,
     ),
     Scenario("batching", "7. Dynamic batching", ("--rounds", "2"), 300),
+    Scenario("threads", "8. CPU per input at 100 threads", ("--rounds", "2"), 180),
 )
 
 
@@ -381,6 +382,30 @@ def batching_rows(report: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def threads_rows(report: dict[str, Any]) -> list[Row]:
+    """CPU per input of one 100-thread container against ``-P threads -c 100``."""
+    results = report["results"]
+    ours, plain = results["ours"], results["plain"]
+    return [
+        Row(
+            "8. threads",
+            "CPU ms per input, 2,000 x sleep(0.5), 100 threads vs -P threads -c 100",
+            _spread(ours["cpu_ms_per_input"], "{:.3f}"),
+            _spread(plain["cpu_ms_per_input"], "{:.3f}"),
+            f"{results['cpu_ratio_ours_over_plain']:.2f}x (ours/plain)",
+            f"<= {results['target_cpu_ratio']}",
+            results["meets_target"],
+        ),
+        Row(
+            "8. threads",
+            "... wall, first publish to last finish",
+            _spread(ours["wall_s"], unit=" s"),
+            _spread(plain["wall_s"], unit=" s"),
+            f"{results['wall_ratio_ours_over_plain']:.2f}x",
+        ),
+    ]
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "burst": burst_rows,
     "overhead": overhead_rows,
@@ -389,6 +414,7 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "scaledown": scaledown_rows,
     "cluster": cluster_rows,
     "batching": batching_rows,
+    "threads": threads_rows,
 }
 
 

@@ -25,6 +25,9 @@ class SlotWakeup:
     def __init__(self) -> None:
         self._read_fd: int | None = None
         self._write_fd: int | None = None
+        #: a byte is in the pipe that the hub has not read yet: a wake-up is on its way,
+        #: and another write would only cost a system call (and a GIL hand-off) more
+        self._wake_pending = False
         self._lock = threading.Lock()
         self.running = 0
         self._listeners: list[Callable[[int], None]] = []
@@ -50,6 +53,10 @@ class SlotWakeup:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._read_fd, 4096):
                 pass
+        # After reading (before, a byte written meanwhile would be read with the flag
+        # still set, and no later change would wake the hub): a change from here on
+        # writes again, and one made before is seen by what the hub does after this.
+        self._wake_pending = False
         while True:
             try:
                 callback, args, kwargs, done = self._accepts.get_nowait()
@@ -71,8 +78,9 @@ class SlotWakeup:
             listener(self.running)
 
     def notify(self) -> None:
-        if self._write_fd is None:
+        if self._write_fd is None or self._wake_pending:
             return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError, OSError):  # already pending, or closing
             os.write(self._write_fd, b"\0")
 
