@@ -182,3 +182,21 @@ def test_a_container_killed_while_taking_loses_nothing(basic_app, workers, rds, 
         rds.zrem("unacked_index", tag)
     workers.start("tests.apps.basic", "--concurrent-function", late)
     assert calls.get(timeout=90) == ["x"] * 400
+
+
+def test_a_slot_takes_its_next_input_while_the_last_one_stores_its_outcome(basic_app, workers, rds):
+    workers.start("tests.apps.basic", "--concurrent-function", "tests.apps.basic.one_slot")
+    basic_app.one_slot.delay("warm", 0).get(timeout=30)
+    first = basic_app.one_slot.delay("first", 2.0)
+    second = basic_app.one_slot.delay("second", 0)
+    assert second.get(timeout=30) == "second"
+    assert first.get(timeout=30) == "first"
+    # One slot: never two functions at once, but the second input started while the
+    # first one's tracer was still at its work after the function returned (its
+    # task_success handler lingering, as a slow result backend would).
+    assert int(rds.get("peak:first") or 0) == 1
+    started_second = float(rds.lrange("started:second", 0, -1)[0])
+    # first.get() returned once its result was stored; the handler ends after that.
+    wait_for(lambda: rds.llen("stored:first"), 30, what="the first input's tracer to end")
+    stored_first = float(rds.lrange("stored:first", 0, -1)[0])
+    assert started_second < stored_first

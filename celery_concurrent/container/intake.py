@@ -239,6 +239,9 @@ class RedisIntake(bootsteps.StartStopStep):
         # A reconnect starts the step again, on the new consumer's channel.
         self.intake = Intake(channel, lambda: free_slots(consumer), consumer.hub)
         self.intake.install()
+        # Celery's disable_prefetch rule, with the finishing inputs' slots free.
+        qos = channel.qos
+        qos.can_consume = lambda: free_slots(consumer) > 0 and type(qos).can_consume(qos)
 
     def stop(self, consumer: Any) -> None:
         intake, self.intake = self.intake, None
@@ -250,6 +253,9 @@ class RedisIntake(bootsteps.StartStopStep):
 
 
 def free_slots(consumer: Any) -> int:
-    """How many more messages the container may hold: Celery's ``disable_prefetch`` rule."""
+    """How many more messages the container may hold: Celery's ``disable_prefetch`` rule
+    (the pool's size less the reserved requests), where an input whose function has
+    returned no longer takes a slot while its outcome is stored."""
     limit = getattr(consumer.controller, "max_concurrency", None) or consumer.pool.num_processes
-    return int(limit) - len(worker_state.reserved_requests)
+    finishing = getattr(getattr(consumer.pool, "slots", None), "finishing", 0)
+    return int(limit) - len(worker_state.reserved_requests) + finishing

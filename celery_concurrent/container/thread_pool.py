@@ -20,6 +20,7 @@ The threads are daemon threads, so that such a thread never keeps the process al
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -37,6 +38,26 @@ from .time_limits import Deadline, Deadlines, InputAbandoned, raise_in_thread
 from .wakeup import SlotWakeup
 
 logger = get_logger(__name__)
+
+#: the input this pool thread runs (``_Input.run``)
+_current = threading.local()
+
+
+def free_when_returned(run: Callable[..., Any]) -> Callable[..., Any]:
+    """A task's ``run`` that frees its input's slot as soon as it returns, before Celery's
+    tracer stores the outcome (a result backend's round trip, signals, the ack), so that
+    the next input is fetched meanwhile. Outside a pool thread it only calls ``run``."""
+
+    @functools.wraps(run)
+    def run_then_free(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return run(*args, **kwargs)
+        finally:
+            job = getattr(_current, "job", None)
+            if job is not None:
+                job.function_returned()
+
+    return run_then_free
 
 
 class _Input:
@@ -65,6 +86,8 @@ class _Input:
         #: the thread that runs the function, while an exception may be raised into it
         self._ident: int | None = None
         self._raised = False
+        #: the function returned and its slot counts as free (``SlotWakeup.finishing``)
+        self._returned = False
         #: the outcome was settled without the thread (hard limit, terminate): the
         #: thread's own outcome is dropped
         self.settled = False
@@ -93,6 +116,7 @@ class _Input:
     def run(self) -> None:
         ident = threading.get_ident()
         self.pool.running[ident] = self
+        _current.job = self
         try:
             apply_target(
                 self._call, self.args, self.kwargs, self._finished, self.accept_callback, pid=ident
@@ -101,6 +125,7 @@ class _Input:
             logger.exception("celery-concurrent: an input's tracer failed")
             self._finished((True, ExceptionInfo(), 0.0))
         finally:
+            _current.job = None
             self.pool.running.pop(ident, None)
             self.ended.set()
             self.pool.input_ended(self)
@@ -118,6 +143,13 @@ class _Input:
                     break
                 except BaseException:  # noqa: BLE001, S112 - it arrived late; nothing to do
                     continue
+            self.function_returned()
+
+    def function_returned(self) -> None:
+        """The slot is free for the next input while the tracer stores this outcome."""
+        if not self._returned and not self.settled:
+            self._returned = True
+            self.pool.slots.function_returned()
 
     def _open(self) -> None:
         with self._lock:
@@ -147,6 +179,11 @@ class _Input:
 
     def _finished(self, result: Any) -> None:
         done, self._done = self._done, None
+        if self._returned:
+            # Before the callback takes the request out of the reserved ones, so that
+            # the container never counts a free slot twice.
+            self._returned = False
+            self.pool.slots.outcome_stored()
         if done is not None:
             done(result)
 
@@ -232,7 +269,9 @@ class ThreadPool(BasePool):
 
     def _add_thread(self) -> None:
         with self._lock:
-            if len(self._threads) - self._stuck >= self.limit:
+            # An input whose function returned still stores its outcome on its thread:
+            # the next input gets a thread of its own meanwhile.
+            if len(self._threads) - self._stuck >= self.limit + self.slots.finishing:
                 return
             thread = threading.Thread(
                 target=self._work,

@@ -30,6 +30,9 @@ class SlotWakeup:
         self._wake_pending = False
         self._lock = threading.Lock()
         self.running = 0
+        #: inputs whose function has returned and whose outcome is being stored: their
+        #: slots take the next input meanwhile
+        self.finishing = 0
         self._listeners: list[Callable[[int], None]] = []
         #: accept (and so ack) inputs on the loop's thread, after the listeners ran
         self.accept_on_loop = False
@@ -90,6 +93,19 @@ class SlotWakeup:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._read_fd = self._write_fd = None
+
+    def function_returned(self) -> None:
+        """An input's function returned: fetch its slot's next input while the tracer
+        stores the outcome (a result backend's round trip, the signals, the ack)."""
+        with self._lock:
+            self.finishing += 1
+        self.notify()
+
+    def outcome_stored(self) -> None:
+        """The input that returned is done (call just before its completion callback,
+        which takes it out of the reserved requests)."""
+        with self._lock:
+            self.finishing -= 1
 
     def _count(self, delta: int) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from ..errors import ConfigurationError
 from ..routing import declare_queue
 from ..spec import ASYNC_POOL, FunctionSpec
 from .batches import serve_batches
+from .thread_pool import free_when_returned
 
 logger = get_logger(__name__)
 
@@ -60,6 +61,9 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
     # A batched container holds up to max_inputs batches of max_batch_size items each.
     worker.concurrency = spec.max_items
     worker.pool_cls = pool_for(spec)
+    if worker.pool_cls == THREAD_POOL_CLS:
+        task = worker.app.tasks[spec.name]
+        task.run = free_when_returned(task.run)
     worker.prefetch_multiplier = 1
     worker.options.update(autoscale=None, without_gossip=True)
     if os.environ.get(REPORT_ENV):

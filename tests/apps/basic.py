@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from celery import Celery
 from celery.signals import task_failure, task_postrun, task_prerun, task_success
@@ -122,3 +123,21 @@ for _signal, _name in (
     (task_failure, "task_failure"),
 ):
     _signal.connect(_record(_name), weak=False)
+
+
+@app.task
+@concurrent(max_inputs=1)
+def one_slot(key: str, linger: float) -> str:
+    """Stamps its start; its outcome takes ``linger`` seconds to be stored (below)."""
+    store().rpush(f"started:{key}", repr(time.time()))
+    return recorder.sleep(key, 0.05)
+
+
+@task_success.connect
+def _slow_outcome(sender=None, result=None, **_):
+    # The tracer's work after the function returned (here, after its result is stored):
+    # a slow result backend, signal handlers, the ack.
+    if sender is not None and sender.name.endswith(".one_slot"):
+        linger = sender.request.args[1]
+        time.sleep(linger)
+        store().rpush(f"stored:{sender.request.args[0]}", repr(time.time()))
