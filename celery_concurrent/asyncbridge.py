@@ -20,9 +20,12 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from greenlet import getcurrent, greenlet
+
+from .constants import BOOKKEEPING_THREADS
 
 
 class InputGreenlet(greenlet):
@@ -101,3 +104,44 @@ def sync_runner(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., An
 def original_async(fn: Any) -> Callable[..., Any] | None:
     """The coroutine function behind a :func:`sync_runner` wrapper, if ``fn`` is one."""
     return getattr(fn, "__celery_concurrent_async__", None)
+
+
+#: the threads an input's blocking bookkeeping (its result's round trip) runs on
+_BOOKKEEPING = ThreadPoolExecutor(
+    BOOKKEEPING_THREADS, thread_name_prefix="celery-concurrent-bookkeeping"
+)
+
+
+def off_the_loop(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (a result backend's ``mark_as_done``), run on a bookkeeping thread when
+    an input's tracer calls it, while the loop runs the other inputs.
+
+    The tracer of a container input runs on the event loop's thread, so each stored
+    result (a round trip or two to the backend) would stop every other input for that
+    long. From an :class:`InputGreenlet`, the call goes to a thread and the input waits
+    for it as for any future; the tracer then goes on in order (signals, then the ack
+    of an ``acks_late`` input). Anywhere else it is called as is.
+    """
+
+    @functools.wraps(method)
+    def store(*args: Any, **kwargs: Any) -> Any:
+        if not isinstance(getcurrent(), InputGreenlet):
+            return method(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return drive(_await(loop.run_in_executor(_BOOKKEEPING, lambda: method(*args, **kwargs))))
+
+    store.__celery_concurrent_offloaded__ = True  # type: ignore[attr-defined]
+    return store
+
+
+async def _await(future: asyncio.Future[Any]) -> Any:
+    return await future
+
+
+def offload_result_store(backend: Any) -> None:
+    """Store ``backend``'s successful results off the loop in this process (an asyncio
+    container). Failures, rarer, are stored where they happen: a time limit's or a
+    terminate's outcome is stored while its input's greenlet is being closed."""
+    cls = type(backend)
+    if not getattr(cls.mark_as_done, "__celery_concurrent_offloaded__", False):
+        cls.mark_as_done = off_the_loop(cls.mark_as_done)

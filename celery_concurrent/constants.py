@@ -95,3 +95,6 @@ ACCEPT_ON_LOOP_TIMEOUT = 5.0
 #: revoke with ``terminate=True``) makes its container recycle: it stops taking inputs,
 #: lets the others finish, exits and is replaced
 OVERRUN_GRACE_SECONDS = 2.0
+
+#: threads of an asyncio container that store its inputs' results, off the event loop
+BOOKKEEPING_THREADS = 8

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery.utils.log import get_logger
 
+from ..asyncbridge import offload_result_store
 from ..brokers import is_redis
 from ..constants import CONNECTIONS_BESIDE_SLOTS, REDIS_POLL_SECONDS
 from ..contract import REPORT_ENV, container_nodename
@@ -61,6 +62,8 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
     # A batched container holds up to max_inputs batches of max_batch_size items each.
     worker.concurrency = spec.max_items
     worker.pool_cls = pool_for(spec)
+    if worker.pool_cls == ASYNCIO_POOL_CLS:
+        offload_result_store(worker.app.backend)
     if worker.pool_cls == THREAD_POOL_CLS:
         task = worker.app.tasks[spec.name]
         task.run = free_when_returned(task.run)

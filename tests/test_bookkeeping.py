@@ -1,0 +1,78 @@
+"""An asyncio container stores its inputs' results off the event loop.
+
+Pure logic, no processes: a real event loop drives an input's greenlet the way the
+asyncio pool does (each future the greenlet hands over is awaited on the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from greenlet import getcurrent
+
+from celery_concurrent.asyncbridge import InputGreenlet, off_the_loop
+
+
+async def as_an_input(fn):
+    """What ``AsyncioPool._run_input`` does with an input's greenlet, without limits."""
+    gr = InputGreenlet(fn, parent=getcurrent())
+    waiting_on = gr.switch()
+    while not gr.dead:
+        await asyncio.wait((waiting_on,))
+        waiting_on = gr.switch(None)
+    return waiting_on
+
+
+def test_a_store_from_an_input_runs_on_a_thread_while_the_loop_goes_on():
+    seen: dict[str, object] = {}
+
+    def mark_as_done(task_id: str, result: int) -> str:
+        seen["thread"] = threading.current_thread().name
+        time.sleep(0.3)  # a slow backend's round trip
+        return f"{task_id}={result}"
+
+    store = off_the_loop(mark_as_done)
+    ticks: list[float] = []
+
+    async def main() -> str:
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        began = time.monotonic()
+        stored = await as_an_input(lambda: store("t1", 7))
+        seen["took"] = time.monotonic() - began
+        ticker.cancel()
+        return stored
+
+    assert asyncio.run(main()) == "t1=7"
+    assert str(seen["thread"]).startswith("celery-concurrent-bookkeeping")
+    # The loop kept running other work while the store waited: it ticked throughout.
+    assert len(ticks) >= 5, ticks
+
+
+def test_a_store_raises_in_the_input_as_it_would_inline():
+    def mark_as_done() -> None:
+        raise ConnectionError("backend down")
+
+    store = off_the_loop(mark_as_done)
+
+    async def main() -> str:
+        try:
+            await as_an_input(store)
+        except ConnectionError as exc:
+            return str(exc)
+        return "no error"
+
+    assert asyncio.run(main()) == "backend down"
+
+
+def test_outside_an_input_the_store_is_called_as_is():
+    calls: list[str] = []
+    store = off_the_loop(lambda: calls.append(threading.current_thread().name) or "ok")
+    assert store() == "ok"
+    assert calls == [threading.current_thread().name]
