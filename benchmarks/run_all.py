@@ -21,6 +21,12 @@ of several runs, or a ratio of medians, with its spread.
    same bound over the cluster; what the leases cost Redis under load and at idle,
    and an idle node's CPU, against ``--concurrent-scope node`` (10 s idle windows, not
    20).
+7. ``batching``: ``@batched`` against celery-batches, where installed.
+8. ``threads``: CPU per input of a 100-thread container against ``-P threads -c 100``.
+9. ``refill``: 1,000 inputs of ``sleep(0.1)`` on 10 slots, live, results stored: the
+   throughput and the refill gap against plain Celery, Taskiq and arq.
+10. ``intake``: 10,000 queued no-ops taken in by one container against plain Celery,
+    Taskiq and arq, and 10,000 ``asyncio.sleep(1)`` inputs published live.
 
 It also writes ``results/summary.json`` and ``results/summary.md`` (the table as
 Markdown, for ``benchmarks/README.md``). ``--only burst,density`` runs some of them;
@@ -86,6 +92,8 @@ SCENARIOS = (
     ),
     Scenario("batching", "7. Dynamic batching", ("--rounds", "2"), 300),
     Scenario("threads", "8. CPU per input at 100 threads", ("--rounds", "2"), 180),
+    Scenario("refill", "9. Refill", ("--rounds", "3"), 240),
+    Scenario("intake", "10. Intake", ("--rounds", "2"), 300),
 )
 
 
@@ -406,6 +414,72 @@ def threads_rows(report: dict[str, Any]) -> list[Row]:
     ]
 
 
+def refill_rows(report: dict[str, Any]) -> list[Row]:
+    """1,000 x sleep(0.1) on 10 slots: throughput and the refill gap, against the others."""
+    results = report["results"]
+    ours = results["ours"]
+    others = [name for name in ("plain", "taskiq", "arq") if name in results]
+    rates = ", ".join(f"{n} {results[n]['inputs_per_s']['median']:.1f}/s" for n in others)
+    gaps = ", ".join(f"{n} {results[n]['gap_ms_p50']['median']:.2f} ms" for n in others)
+    return [
+        Row(
+            "9. refill",
+            "1,000 x sleep(0.1), 10 slots, live, results stored: inputs/s",
+            _spread(ours["inputs_per_s"], "{:.1f}", "/s"),
+            rates,
+            f"{results['ours_over_plain']:.3f}x plain, {results['ours_over_ceiling']:.3f}x ceiling",
+            ">= 99/s, >= 1.0x plain",
+            ours["inputs_per_s"]["median"] >= 99 and results["ours_over_plain"] >= 1.0,
+        ),
+        Row(
+            "9. refill",
+            "... slot freed to next input started, p50",
+            _spread(ours["gap_ms_p50"], unit=" ms"),
+            gaps,
+            "",
+            "<= 1 ms",
+            ours["gap_ms_p50"]["median"] <= 1.0,
+        ),
+    ]
+
+
+def intake_rows(report: dict[str, Any]) -> list[Row]:
+    """Intake of queued no-ops, and 10,000 async inputs published live."""
+    results = report["results"]
+    rows = []
+    for kind, label in (
+        ("intake", "10,000 queued no-ops, results stored: inputs/s"),
+        ("intake, results ignored", "... results ignored: inputs/s"),
+    ):
+        sides = results[kind]
+        others = [n for n in ("plain", "taskiq", "arq") if n in sides]
+        rows.append(
+            Row(
+                "10. intake",
+                label,
+                f"{sides['ours']['median']:.0f}/s",
+                ", ".join(f"{n} {sides[n]['median']:.0f}/s" for n in others),
+                f"{sides['ours_over_plain']:.2f}x plain",
+                ">= 3x plain",
+                sides["ours_over_plain"] >= 3.0,
+            )
+        )
+    live = results["live"]
+    others = [n for n in ("taskiq", "arq") if n in live]
+    rows.append(
+        Row(
+            "10. intake",
+            "10,000 x asyncio.sleep(1) live: last publish to last end",
+            f"{live['ours']['median']:.2f} s",
+            ", ".join(f"{n} {live[n]['median']:.2f} s" for n in others),
+            "",
+            "about 1.5 s",
+            live["ours"]["median"] <= 1.6,
+        )
+    )
+    return rows
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "burst": burst_rows,
     "overhead": overhead_rows,
@@ -413,6 +487,8 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "density": density_rows,
     "scaledown": scaledown_rows,
     "cluster": cluster_rows,
+    "refill": refill_rows,
+    "intake": intake_rows,
     "batching": batching_rows,
     "threads": threads_rows,
 }
