@@ -4,15 +4,17 @@ Celery on Redis takes one message per ``BRPOP`` and books it as unacknowledged w
 second round trip (kombu's ``QoS.append``: the ``unacked`` hash and the
 ``unacked_index`` sorted set), so a worker's intake is bounded by two round trips per
 message on its event loop. A container knows how many slots it has free, so while the
-queue holds more than one message it takes up to that many in one ``EVAL``: the script
+queue holds messages it takes up to that many in one ``EVAL`` (a refill of one slot
+too, in one round trip instead of two): the script
 pops them and books each exactly as kombu does (the same hash entry, the same index
 score from the client's clock), atomically, so a crash at any point loses nothing that
 kombu would not (a message is in the list or booked, never neither). Each message then
 goes through kombu's own delivery and Celery's own task strategy, unchanged; its ack,
 reject and restore are kombu's.
 
-When a take finds the queue empty, the next fetch is kombu's blocking ``BRPOP`` again
-(an idle container costs what it did), and the take returns after the next message.
+When a take comes back with fewer than it asked for, the queue is empty, and the next
+fetch is kombu's blocking ``BRPOP`` (an idle container costs what it did); the takes
+return after the next message.
 A container never takes more than its free slots: the take asks for ``limit -
 reserved`` messages (Celery's own ``worker_disable_prefetch`` rule), so the broker's
 queue length stays the true backlog. A message the script cannot read (not JSON, or no
@@ -96,6 +98,8 @@ class Intake:
         self.more = True
         #: the queue of each list the pending take reads, by the list's number - 1
         self._queues: list[str] = []
+        #: how many the pending take asked for
+        self._wanted = 0
         self._brpop_start = channel._brpop_start
         self._brpop_read = channel._brpop_read
         self._append = channel.qos.append
@@ -120,7 +124,7 @@ class Intake:
         """Send the next fetch: a take while the queue may hold more, else ``BRPOP``."""
         channel = self.channel
         wanted = self.free()
-        if not self.more or wanted < 2:
+        if not self.more or wanted < 1:
             self.taking = False
             self._brpop_start(timeout)
             return
@@ -134,6 +138,7 @@ class Intake:
         keys += [channel.unacked_key, channel.unacked_index_key]
         prefix = channel.global_keyprefix or ""
         self.taking = True
+        self._wanted = wanted
         channel._in_poll = channel.client.connection
         channel._brpop_sent_at = time.monotonic()
         channel.client.connection.send_command(
@@ -159,7 +164,7 @@ class Intake:
         if not reply:
             self.more = False
             raise virtual.Empty()
-        self.more = len(reply) >= 2
+        self.more = len(reply) >= self._wanted  # fewer: the queue is empty now
         for number, booked, payload in reply:
             self._deliver(self._queues[int(number) - 1], bool(booked), payload)
         return True
