@@ -112,10 +112,16 @@ class Intake:
         channel.handlers["BRPOP"] = self.read
         channel.qos.append = self.append
         channel.qos.ack = self.ack
+        if self.hub is not None:
+            # After the turn's callbacks and timers, before the loop waits for events:
+            # the acks made this turn go out before it sleeps.
+            self.hub.on_tick.add(self.flush_acks)
 
     def uninstall(self) -> None:
         """Send the acks that wait; from now on each ack goes at once."""
-        self.hub = None
+        hub, self.hub = self.hub, None
+        if hub is not None:
+            hub.on_tick.discard(self.flush_acks)
         self.flush_acks()
 
     # -- kombu's poller calls these on the event loop's thread ---------------------------
@@ -204,16 +210,14 @@ class Intake:
 
         Celery acks on the event loop (its ``call_soon``), one round trip each: the acks
         of one turn of the loop (the inputs a take delivered start together) become one
-        ``ZREM``/``HDEL`` pipeline at the end of the turn.
+        ``ZREM``/``HDEL`` pipeline at the end of the turn (the hub's ``on_tick``, which
+        runs before it waits for events again).
         """
-        hub = self.hub
-        if hub is None or threading.get_ident() != self._hub_thread:
+        if self.hub is None or threading.get_ident() != self._hub_thread:
             self._ack(delivery_tag)
             return
         virtual.QoS.ack(self.channel.qos, delivery_tag)
         self.acks.append(delivery_tag)
-        if len(self.acks) == 1:
-            hub.call_soon(self.flush_acks)
 
     def flush_acks(self) -> None:
         tags, self.acks = self.acks, []
