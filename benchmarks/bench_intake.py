@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import peers, stamps
-from benchmarks.common import spread
+from benchmarks.common import publish, spread
 from benchmarks.scenario import Bench, options, rotations, run_main
 from devkit.servers import stop_processes
 
@@ -121,11 +121,9 @@ class Sides:
         self, name: str, key: str, total: int, seconds: float, ignore_result: bool = False
     ) -> None:
         if name in self.celery_args:
-            task = self.app.intake_ours if name == "ours" else self.app.intake_plain
+            task = f"{APP}.intake_ours" if name == "ours" else f"{APP}.intake_plain"
             options = {"ignore_result": True} if ignore_result else {}
-            with self.app.app.producer_or_acquire() as producer:
-                for _ in range(total):
-                    task.apply_async((key, total, seconds), producer=producer, **options)
+            publish(self.app.app, task, (key, total, seconds), total, **options)
             return
         assert isinstance(self.peer_python, Path)
         self._peer(name).publish(self.peer_python, self.bench.server.url, key, total, seconds, True)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import peers, stamps
-from benchmarks.common import spread
+from benchmarks.common import publish, spread
 from benchmarks.scenario import Bench, options, rotations, run_main
 from devkit.servers import stop_processes
 
@@ -98,10 +98,8 @@ class Sides:
 
     def publish(self, name: str, key: str, total: int, seconds: float) -> None:
         if name in self.celery_args:
-            task = self.app.refill_ours if name == "ours" else self.app.refill_plain
-            with self.app.app.producer_or_acquire() as producer:
-                for _ in range(total):
-                    task.apply_async((key, total, seconds), producer=producer)
+            task = f"{APP}.refill_ours" if name == "ours" else f"{APP}.refill_plain"
+            publish(self.app.app, task, (key, total, seconds), total)
             return
         peer = next(p for p in self.peers if p.name == name)
         assert isinstance(self.peer_python, Path)

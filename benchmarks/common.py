@@ -48,13 +48,23 @@ def wait_until(
     wait_for(holds, timeout, POLL_SECONDS, what, error=TimeoutError)
 
 
-def publish(app: Any, task_name: str, args: tuple[Any, ...], total: int, queue: str) -> float:
-    """Publish ``total`` inputs of a task to ``queue``; return how long it took."""
+def publish(
+    app: Any,
+    task_name: str,
+    args: tuple[Any, ...],
+    total: int,
+    queue: str | None = None,
+    **options: Any,
+) -> float:
+    """Publish ``total`` inputs of a task (to ``queue``, else where the app routes it),
+    with ``apply_async``'s ``options``, on one producer; return how long it took."""
     task = app.tasks[task_name]
+    if queue is not None:
+        options.update(queue=queue, routing_key=queue)
     began = time.monotonic()
     with app.producer_or_acquire() as producer:
         for _ in range(total):
-            task.apply_async(args, producer=producer, queue=queue, routing_key=queue)
+            task.apply_async(args, producer=producer, **options)
     return time.monotonic() - began
 
 
