@@ -12,7 +12,7 @@ import time
 
 from greenlet import getcurrent
 
-from celery_concurrent.asyncbridge import InputGreenlet, off_the_loop
+from celery_concurrent.asyncbridge import Bookkeeping, InputGreenlet, off_the_loop
 
 
 async def as_an_input(fn):
@@ -76,3 +76,55 @@ def test_outside_an_input_the_store_is_called_as_is():
     store = off_the_loop(lambda: calls.append(threading.current_thread().name) or "ok")
     assert store() == "ok"
     assert calls == [threading.current_thread().name]
+
+
+def test_every_call_settles_its_own_future_however_the_outcomes_are_batched():
+    bookkeeping = Bookkeeping(4, "test-bookkeeping")
+
+    def call(i: int):
+        def run() -> int:
+            if i % 7 == 0:
+                raise ValueError(i)
+            time.sleep(0.001 * (i % 3))
+            return i * i
+
+        return run
+
+    async def main() -> list[object]:
+        loop = asyncio.get_running_loop()
+        futures = [bookkeeping.run(loop, call(i)) for i in range(300)]
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    for i, outcome in enumerate(outcomes):
+        if i % 7 == 0:
+            assert isinstance(outcome, ValueError) and outcome.args == (i,)
+        else:
+            assert outcome == i * i
+    assert len(bookkeeping._threads) == 4
+
+
+def test_a_cancelled_wait_and_a_closed_loop_leave_the_threads_serving():
+    bookkeeping = Bookkeeping(1, "test-bookkeeping")
+    release = threading.Event()
+
+    async def cancel_one() -> None:
+        loop = asyncio.get_running_loop()
+        future = bookkeeping.run(loop, lambda: release.wait(10))
+        future.cancel()
+        release.set()
+        # The outcome of the cancelled wait arrives and is dropped; the next call works.
+        assert await bookkeeping.run(loop, lambda: "next") == "next"
+
+    asyncio.run(cancel_one())
+
+    closed = asyncio.new_event_loop()
+    gate = threading.Event()
+    bookkeeping.run(closed, lambda: gate.wait(10))
+    closed.close()
+    gate.set()  # its outcome has no loop to go back to
+
+    async def after() -> str:
+        return await bookkeeping.run(asyncio.get_running_loop(), lambda: "still serving")
+
+    assert asyncio.run(after()) == "still serving"

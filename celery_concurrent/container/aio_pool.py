@@ -14,9 +14,9 @@ the coroutine after Celery has marked the input ``REVOKED``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 from celery.concurrency.base import BasePool, apply_target
@@ -44,7 +44,10 @@ class _Limits:
         self.terminated = False
 
     def next_deadline(self) -> float | None:
-        return min((d for d in (self.soft, self.hard) if d is not None), default=None)
+        soft, hard = self.soft, self.hard
+        if soft is None or hard is None:
+            return hard if soft is None else soft
+        return min(soft, hard)
 
     def expire(self, now: float) -> BaseException:
         """What to send into the input once its next deadline has passed."""
@@ -55,12 +58,41 @@ class _Limits:
 
 
 class ApplyResult:
-    def __init__(self, future: Future[Any]) -> None:
-        self.f = future
-        self.get = future.result
+    """What ``apply_async`` returns: the input's outcome once its tracer is done.
 
-    def wait(self, timeout: float | None = None) -> None:
-        self.f.exception(timeout)
+    Celery keeps only a weak reference to it (for ``terminate``); a lock stands in for a
+    ``concurrent.futures.Future``, whose condition variable cost every input more than
+    its own ``Request`` did.
+    """
+
+    __slots__ = ("__weakref__", "_done", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def set_result(self, value: Any) -> None:
+        self._value = value
+        self._done.release()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+        self._done.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._done.release()
+        return True
+
+    def get(self, timeout: float | None = None) -> Any:
+        if not self.wait(timeout):
+            raise TimeoutError(f"the input did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
 
     def terminate(self, signal: Any = None) -> None:
         """Nothing: Celery calls the pool's ``terminate_job`` first, which does it."""
@@ -87,6 +119,12 @@ class AsyncioPool(BasePool):
         self.slots = SlotWakeup()
         #: each running input's task and limits, by the "pid" Celery knows it by
         self._by_pid: dict[int, tuple[asyncio.Task[None], _Limits]] = {}
+        #: inputs handed over and not yet started on the loop, in order
+        self._arrivals: collections.deque[tuple[ApplyResult, tuple[Any, ...], _Limits]] = (
+            collections.deque()
+        )
+        #: the loop has been asked to start the arrivals (one wake-up for a take's worth)
+        self._arrivals_called = False
 
     def register_with_event_loop(self, loop: Any) -> None:
         self.slots.register(loop)
@@ -112,27 +150,33 @@ class AsyncioPool(BasePool):
         soft_timeout: float | None = None,
         **_: Any,
     ) -> ApplyResult:
-        done: Future[Any] = Future()
+        done = ApplyResult()
         limits = _Limits(self.loop, soft_timeout, timeout)
         with self._accepted_lock:
             self._accepted += 1
             self._idle.clear()
-        self.loop.call_soon_threadsafe(
-            self._start_input,
-            done,
-            (
-                target,
-                args,
-                kwargs,
-                self.slots.wrap(_unless_terminated(callback, limits)),
-                self.slots.wrap_accept(accept_callback),
-                id(done),  # the input's "pid": terminate_job finds it by this
-            ),
-            limits,
+        call = (
+            target,
+            args,
+            kwargs,
+            self.slots.wrap(_unless_terminated(callback, limits)),
+            self.slots.wrap_accept(accept_callback),
+            id(done),  # the input's "pid": terminate_job finds it by this
         )
-        return ApplyResult(done)
+        self._arrivals.append((done, call, limits))
+        if not self._arrivals_called:
+            self._arrivals_called = True
+            self.loop.call_soon_threadsafe(self._start_arrivals)
+        return done
 
-    def _start_input(self, done: Future[Any], call: tuple[Any, ...], limits: _Limits) -> None:
+    def _start_arrivals(self) -> None:
+        # Cleared before reading: an input handed over from here on calls again.
+        self._arrivals_called = False
+        arrivals = self._arrivals
+        while arrivals:
+            self._start_input(*arrivals.popleft())
+
+    def _start_input(self, done: ApplyResult, call: tuple[Any, ...], limits: _Limits) -> None:
         task = self.loop.create_task(self._run_input(done, call, limits))
         self._inputs.add(task)
         self._by_pid[id(done)] = (task, limits)
@@ -156,7 +200,7 @@ class AsyncioPool(BasePool):
             if not self._accepted:
                 self._idle.set()
 
-    async def _run_input(self, done: Future[Any], call: tuple[Any, ...], limits: _Limits) -> None:
+    async def _run_input(self, done: ApplyResult, call: tuple[Any, ...], limits: _Limits) -> None:
         gr = InputGreenlet(apply_target, parent=getcurrent())
         try:
             waiting_on = gr.switch(*call)
@@ -184,16 +228,29 @@ class AsyncioPool(BasePool):
         if not asyncio.isfuture(waiting_on):
             return RuntimeError(f"an asyncio coroutine yielded {waiting_on!r}, not a future")
         deadline = limits.next_deadline()
+        if deadline is None:
+            # Awaited as is: asyncio.wait would cost each await a set, a waiter and a
+            # callback per future, more than the rest of the input's bookkeeping. The
+            # future was yielded to us, not to a task: take over its blocking flag as
+            # a task would, or awaiting it again reads as a bare yield.
+            waiting_on._asyncio_future_blocking = False
+            try:
+                await waiting_on
+            except asyncio.CancelledError as cancelled:
+                if not waiting_on.cancelled():  # this task was cancelled, not the future
+                    waiting_on.cancel()
+                    return cancelled
+            except BaseException as error:  # noqa: BLE001 - the future's own outcome
+                if not waiting_on.done():  # not awaitable here (a future of another loop)
+                    return error
+            return None  # the coroutine reads the outcome from the future itself
         try:
-            if deadline is None:
-                await asyncio.wait((waiting_on,))
-            else:
-                await asyncio.wait((waiting_on,), timeout=max(0.0, deadline - self.loop.time()))
+            await asyncio.wait((waiting_on,), timeout=max(0.0, deadline - self.loop.time()))
         except asyncio.CancelledError as cancelled:
             waiting_on.cancel()
             return cancelled
         if waiting_on.done():
-            return None  # the coroutine reads the outcome from the future itself
+            return None
         waiting_on.cancel()
         return limits.expire(self.loop.time())
 

@@ -32,9 +32,9 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 from kombu.transport import virtual
-from kombu.utils.json import loads
 
 from ..brokers import is_redis
+from .decoding import loads
 
 logger = get_logger(__name__)
 
@@ -90,6 +90,8 @@ class Intake:
         self._hub_thread = threading.get_ident()
         #: tags acked on the loop's thread since the last flush
         self.acks: list[str] = []
+        #: the client the batched acks go through (kombu makes one per ack)
+        self._acks_client: Any = None
         #: delivery tags the script booked, until kombu's delivery reaches QoS.append
         self.booked: set[str] = set()
         #: the pending reply is a take's (else kombu's BRPOP)
@@ -224,7 +226,9 @@ class Intake:
         if not tags:
             return
         qos = self.channel.qos
-        with qos.pipe_or_acquire() as pipe:
+        if self._acks_client is None:
+            self._acks_client = self.channel._create_client()
+        with qos.pipe_or_acquire(client=self._acks_client) as pipe:
             pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
 
 

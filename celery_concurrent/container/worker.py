@@ -22,6 +22,7 @@ from ..errors import ConfigurationError
 from ..routing import declare_queue
 from ..spec import ASYNC_POOL, FunctionSpec
 from .batches import serve_batches
+from .decoding import reuse_one_json_decoder
 from .thread_pool import free_when_returned
 
 logger = get_logger(__name__)
@@ -68,6 +69,7 @@ def configure_container(worker: Any, spec: FunctionSpec, ident: str | int | None
         task = worker.app.tasks[spec.name]
         task.run = free_when_returned(task.run)
     worker.prefetch_multiplier = 1
+    reuse_one_json_decoder()
     worker.options.update(autoscale=None, without_gossip=True)
     if os.environ.get(REPORT_ENV):
         # A supervised container gets its node's revokes at start (revokes.py) instead
