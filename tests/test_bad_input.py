@@ -196,3 +196,42 @@ def test_urls_in_error_texts_lose_their_passwords():
     assert mask_urls(text) == "cannot reach amqp://guest:**@rabbit:5672// nor redis://:**@r:6379/0"
     assert safe_url(f"redis://user:{SECRET}@r:6379/0") == "redis://user:**@r:6379/0"
     assert mask_urls("redis://r:6379/0 is fine") == "redis://r:6379/0 is fine"
+
+
+KOMBU_CANNOT_READ = [
+    b"not json",
+    b"[1, 2]",  # JSON, not an envelope
+    b'{"body": "e30="}',  # no properties
+    b'{"properties": {}}',  # no delivery tag
+    # booked by the take (a tag and a delivery_info), taken in by kombu, and then Celery's
+    # own report of it fails (it has no body)
+    b'{"properties": {"delivery_tag": "bad-tag", "delivery_info":'
+    b' {"exchange": "", "routing_key": "x"}}}',
+]
+
+
+def test_a_take_that_holds_messages_kombu_cannot_read_delivers_the_rest(faults_on):
+    faults = faults_on("redis")
+    queue = faults.queue("echo")
+    rds = faults.app.recorder.store()
+    # One take gets them all: good inputs before, between and after the bad messages.
+    results = [faults.app.echo.delay("good", 0)]
+    for raw in KOMBU_CANNOT_READ:
+        rds.lpush(queue, raw)
+        results.append(faults.app.echo.delay("good", len(results)))
+    container = faults.start("--concurrent-function", ECHO)
+    # Long before kombu's visibility timeout would restore a message left booked.
+    assert [r.get(timeout=30) for r in results] == list(range(len(results)))
+    # An idle container's fetch (a BRPOP) gets each alone, and goes on serving.
+    for i, raw in enumerate(KOMBU_CANNOT_READ):
+        rds.lpush(queue, raw)
+        assert faults.app.echo.delay("good", 100 + i).get(timeout=30) == 100 + i
+    assert container.poll() is None
+
+    def reported() -> int:
+        log = faults.workers.log_of(container)
+        return log.count("could not read a message") + log.count("rejected a message")
+
+    wait_for(lambda: reported() >= 2 * len(KOMBU_CANNOT_READ), 30, what="each one logged")
+    assert faults.queue_length("echo") == 0
+    assert not rds.hlen("unacked"), rds.hkeys("unacked")

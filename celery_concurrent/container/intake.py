@@ -18,7 +18,9 @@ return after the next message.
 A container never takes more than its free slots: the take asks for ``limit -
 reserved`` messages (Celery's own ``worker_disable_prefetch`` rule), so the broker's
 queue length stays the true backlog. A message the script cannot read (not JSON, or no
-delivery tag) is popped unbooked and handed to kombu as its ``BRPOP`` would hand it.
+delivery tag) is popped unbooked and handed to kombu as its ``BRPOP`` would hand it. A
+message that kombu or Celery then fails on is dropped (or rejected) with an error in the
+log and the rest of the take is delivered, where kombu's own read would stop the worker.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
 
 from ..brokers import is_redis
 from .decoding import loads
@@ -102,8 +105,9 @@ class Intake:
         self._queues: list[str] = []
         #: how many the pending take asked for
         self._wanted = 0
+        #: the message being delivered, once kombu has taken it in (its QoS.append ran)
+        self._appended: Any = None
         self._brpop_start = channel._brpop_start
-        self._brpop_read = channel._brpop_read
         self._append = channel.qos.append
         self._ack = channel.qos.ack
 
@@ -156,9 +160,7 @@ class Intake:
     def read(self, **options: Any) -> bool:
         """Read the pending reply and deliver what it holds."""
         if not self.taking:
-            delivered = self._brpop_read(**options)
-            self.more = True  # a message came: a burst may be behind it
-            return bool(delivered)
+            return self._read_brpop(**options)
         channel = self.channel
         try:
             try:
@@ -177,30 +179,73 @@ class Intake:
             self._deliver(self._queues[int(number) - 1], bool(booked), payload)
         return True
 
+    def _read_brpop(self, **options: Any) -> bool:
+        """kombu's ``_brpop_read``, with its message delivered as a take's messages are."""
+        channel = self.channel
+        try:
+            try:
+                reply = channel.client.parse_response(channel.client.connection, "BRPOP", **options)
+            except channel.connection_errors:
+                channel.client.connection.disconnect()  # the next fetch reconnects
+                raise
+        finally:
+            channel._in_poll = None
+            reauth = getattr(channel, "_flush_brpop_reauth", None)  # kombu 5.7: now idle
+            if reauth is not None:
+                reauth()
+        if not reply:
+            raise virtual.Empty()
+        self.more = True  # a message came: a burst may be behind it
+        dest, payload = reply
+        self._deliver(bytes_to_str(dest).rsplit(channel.sep, 1)[0], False, payload)
+        return True
+
     def _deliver(self, queue: str, booked: bool, payload: bytes) -> None:
+        """Hand one message to kombu and Celery; one they cannot read is logged and
+        dropped, and the container goes on (kombu's own read would stop the worker)."""
         try:
             message = loads(payload.decode() if isinstance(payload, bytes) else payload)
-        except Exception:  # noqa: BLE001 - kombu's BRPOP would drop it the same way
-            logger.error("celery-concurrent: dropped a message that is not JSON: %r", payload[:200])
+            # The script booked only an envelope with a delivery tag and delivery_info.
+            tag = message["properties"]["delivery_tag"] if booked else None
+        except Exception as exc:  # noqa: BLE001 - not JSON
+            self._drop(queue, None, payload, exc)
             return
-        tag = message["properties"]["delivery_tag"] if booked else None
         if tag is not None:
             self.booked.add(tag)
         channel = self.channel
         channel._queue_cycle.rotate(queue)
+        self._appended = None
         try:
             channel.connection._deliver(message, queue)
-        except Exception:
-            if tag not in self.booked:
-                raise  # kombu holds it (QoS.append ran): its own restore applies
-            # kombu never took it in: back to the head of its queue, as kombu requeues
-            # a message it cannot deliver.
-            self.booked.discard(tag)
-            channel.qos.restore_by_tag(tag, leftmost=True)
-            logger.exception("celery-concurrent: could not deliver %s; put it back", tag)
+        except Exception as exc:  # noqa: BLE001 - sorted out below
+            taken, self._appended = self._appended, None
+            if taken is None:
+                # kombu could not make a message of it (no body, no properties...): the
+                # same envelope would fail again, so it is dropped rather than put back.
+                self.booked.discard(tag)
+                self._drop(queue, tag, payload, exc)
+            elif not taken.acknowledged:
+                # kombu took it in and Celery's handling of it failed: rejected, so that
+                # no restart runs into it again.
+                logger.exception("celery-concurrent: rejected a message Celery could not handle")
+                taken.reject(requeue=False)
+
+    def _drop(self, queue: str, tag: str | None, payload: bytes, error: BaseException) -> None:
+        if tag is not None:
+            qos = self.channel.qos
+            with qos.pipe_or_acquire(client=self._client()) as pipe:
+                pipe.zrem(qos.unacked_index_key, tag).hdel(qos.unacked_key, tag).execute()
+        logger.error(
+            "celery-concurrent: could not read a message from %s, dropped it (%s: %s): %r",
+            queue,
+            type(error).__name__,
+            error,
+            payload[:200],
+        )
 
     def append(self, message: Any, delivery_tag: str) -> None:
         """kombu's bookkeeping of a delivered message, less what the script did."""
+        self._appended = message
         if delivery_tag in self.booked:
             self.booked.discard(delivery_tag)
             virtual.QoS.append(self.channel.qos, message, delivery_tag)
@@ -221,14 +266,19 @@ class Intake:
         virtual.QoS.ack(self.channel.qos, delivery_tag)
         self.acks.append(delivery_tag)
 
+    def _client(self) -> Any:
+        """A client of the channel's pool for the loop's own writes (kombu makes one per
+        ack); not the channel's client, whose connection may wait on a fetch."""
+        if self._acks_client is None:
+            self._acks_client = self.channel._create_client()
+        return self._acks_client
+
     def flush_acks(self) -> None:
         tags, self.acks = self.acks, []
         if not tags:
             return
         qos = self.channel.qos
-        if self._acks_client is None:
-            self._acks_client = self.channel._create_client()
-        with qos.pipe_or_acquire(client=self._acks_client) as pipe:
+        with qos.pipe_or_acquire(client=self._client()) as pipe:
             pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
 
 
