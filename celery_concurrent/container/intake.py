@@ -217,6 +217,8 @@ class Intake:
         self._appended = None
         try:
             channel.connection._deliver(message, queue)
+        except channel.connection_errors:
+            raise  # the broker went away: Celery reconnects, kombu restores what it holds
         except Exception as exc:  # noqa: BLE001 - sorted out below
             taken, self._appended = self._appended, None
             if taken is None:
