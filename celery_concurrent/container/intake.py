@@ -128,6 +128,14 @@ class Intake:
         hub, self.hub = self.hub, None
         if hub is not None:
             hub.on_tick.discard(self.flush_acks)
+        if self.acks and self.channel.connection is None:
+            # Closed with the connection: kombu restores them after its visibility
+            # timeout, as it does an ack that could not be sent.
+            logger.warning(
+                "celery-concurrent: %d acks not sent, the channel closed first", len(self.acks)
+            )
+            self.acks = []
+            return
         self.flush_acks()
 
     # -- kombu's poller calls these on the event loop's thread ---------------------------
@@ -217,9 +225,11 @@ class Intake:
         self._appended = None
         try:
             channel.connection._deliver(message, queue)
-        except channel.connection_errors:
-            raise  # the broker went away: Celery reconnects, kombu restores what it holds
         except Exception as exc:  # noqa: BLE001 - sorted out below
+            # The broker went away: Celery reconnects, kombu restores what it holds.
+            # (kombu counts a KeyError as a connection error; here it is the envelope's.)
+            if isinstance(exc, channel.connection_errors) and not isinstance(exc, KeyError):
+                raise
             taken, self._appended = self._appended, None
             if taken is None:
                 # kombu could not make a message of it (no body, no properties...): the
