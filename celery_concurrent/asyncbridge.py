@@ -21,6 +21,7 @@ import functools
 import inspect
 import queue
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -126,14 +127,29 @@ class Bookkeeping:
         #: outcomes not yet handed to their loop, and whether it has been called for them
         self._outcomes: dict[asyncio.AbstractEventLoop, collections.deque[tuple[Any, ...]]] = {}
         self._called: set[asyncio.AbstractEventLoop] = set()
+        #: calls handed over and not yet returned
+        self._busy = 0
 
     def run(self, loop: asyncio.AbstractEventLoop, call: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``call`` on a bookkeeping thread; its outcome settles the returned future."""
         future = loop.create_future()
         if len(self._threads) < self.size:
             self._add_thread()
+        with self._lock:
+            self._busy += 1
         self._calls.put((loop, future, call))
         return future
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the calls in flight; True once none is.
+
+        The threads are daemons (an idle one must not hold the process up at exit), so
+        a process that stops waits here for the results it is still storing.
+        """
+        deadline = time.monotonic() + timeout
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._busy
 
     def _add_thread(self) -> None:
         with self._lock:
@@ -154,6 +170,7 @@ class Bookkeeping:
             except BaseException as error:  # noqa: BLE001 - raised in the input instead
                 outcome = (future, None, error)
             with self._lock:
+                self._busy -= 1
                 self._outcomes.setdefault(loop, collections.deque()).append(outcome)
                 if loop in self._called:
                     continue
@@ -180,6 +197,11 @@ class Bookkeeping:
 
 #: the threads an input's blocking bookkeeping (its result's round trip) runs on
 _BOOKKEEPING = Bookkeeping(BOOKKEEPING_THREADS, "celery-concurrent-bookkeeping")
+
+
+def finish_bookkeeping(timeout: float) -> bool:
+    """Let the results being stored off the loop finish (a stopping container)."""
+    return _BOOKKEEPING.wait_idle(timeout)
 
 
 def off_the_loop(method: Callable[..., Any]) -> Callable[..., Any]:

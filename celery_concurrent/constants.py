@@ -98,3 +98,6 @@ OVERRUN_GRACE_SECONDS = 2.0
 
 #: threads of an asyncio container that store its inputs' results, off the event loop
 BOOKKEEPING_THREADS = 8
+#: how long a cold-stopping asyncio container waits for the results being stored off its
+#: loop (normally a round trip; the bookkeeping threads are daemons and end with it)
+BOOKKEEPING_GRACE_SECONDS = 5.0

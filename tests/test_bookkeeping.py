@@ -128,3 +128,25 @@ def test_a_cancelled_wait_and_a_closed_loop_leave_the_threads_serving():
         return await bookkeeping.run(asyncio.get_running_loop(), lambda: "still serving")
 
     assert asyncio.run(after()) == "still serving"
+
+
+def test_a_stopping_process_can_wait_for_the_calls_in_flight():
+    bookkeeping = Bookkeeping(2, "test-bookkeeping")
+    stored: list[str] = []
+    gate = threading.Event()
+
+    def slow_store() -> None:
+        gate.wait(10)
+        time.sleep(0.05)
+        stored.append("stored")
+
+    loop = asyncio.new_event_loop()
+    try:
+        bookkeeping.run(loop, slow_store)
+        assert bookkeeping.wait_idle(0.05) is False  # still storing
+        gate.set()
+        assert bookkeeping.wait_idle(10) is True
+        assert stored == ["stored"]
+        assert bookkeeping.wait_idle(0) is True  # nothing in flight
+    finally:
+        loop.close()

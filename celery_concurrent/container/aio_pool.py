@@ -24,7 +24,8 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.utils.log import get_logger
 from greenlet import getcurrent
 
-from ..asyncbridge import Abandon, InputGreenlet
+from ..asyncbridge import Abandon, InputGreenlet, finish_bookkeeping
+from ..constants import BOOKKEEPING_GRACE_SECONDS
 from .time_limits import InputAbandoned
 from .wakeup import SlotWakeup
 
@@ -265,6 +266,9 @@ class AsyncioPool(BasePool):
         for task in list(self._inputs):
             self.loop.call_soon_threadsafe(task.cancel)
         self._stop_loop()
+        # A result already on its way to the backend is stored, not cut off at exit.
+        if not finish_bookkeeping(BOOKKEEPING_GRACE_SECONDS):
+            logger.warning("celery-concurrent: stopped while results were still being stored")
 
     def _stop_loop(self) -> None:
         if self._thread is not None and self._thread.is_alive():
