@@ -233,7 +233,7 @@ class AsyncioPool(BasePool):
             # Awaited as is: asyncio.wait would cost each await a set, a waiter and a
             # callback per future, more than the rest of the input's bookkeeping. The
             # future was yielded to us, not to a task: take over its blocking flag as
-            # a task would, or awaiting it again reads as a bare yield.
+            # a task would, or awaiting it again fails ("await wasn't used with future").
             waiting_on._asyncio_future_blocking = False
             try:
                 await waiting_on
