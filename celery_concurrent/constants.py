@@ -101,3 +101,7 @@ BOOKKEEPING_THREADS = 8
 #: how long a cold-stopping asyncio container waits for the results being stored off its
 #: loop (normally a round trip; the bookkeeping threads are daemons and end with it)
 BOOKKEEPING_GRACE_SECONDS = 5.0
+#: how long a supervisor's hold of kombu's restore mutex (``unacked_mutex_key``) lasts
+#: at most, if it is never released: a give-back or a sweep that a broker restart cut
+#: off blocks the other restores for this long, not for kombu's ``unacked_mutex_expire``
+RESTORE_MUTEX_SECONDS = 10

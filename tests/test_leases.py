@@ -15,10 +15,13 @@ from collections.abc import Callable
 import pytest
 import redis
 from kombu import Connection, Exchange, Queue
+from kombu.transport.redis import MutexHeld
 
+from celery_concurrent.constants import RESTORE_MUTEX_SECONDS
 from celery_concurrent.held_messages import HeldMessages, UnackedKeys
 from celery_concurrent.leases import ContainerLeases, ContainerLoad, spec_digest
 from celery_concurrent.spec import FunctionSpec
+from celery_concurrent.supervisor.redelivery import Redelivery, restorers_mutex
 
 from .support import wait_for
 
@@ -494,3 +497,24 @@ def test_held_messages_follow_kombus_global_keyprefix(broker_url, rds):
             redelivery.close()
         assert rds.llen(f"pfx:{queue.name}") == 1
         assert drain(channel, queue) == [message.payload]
+
+
+def test_a_restore_cut_off_with_the_mutex_held_blocks_the_others_briefly(basic_app, rds):
+    cut_off, other = Redelivery(basic_app.app), Redelivery(basic_app.app)
+    try:
+        channel = cut_off._ensure_channel()
+        # A give-back (or a sweep) holds kombu's restore mutex when the broker restarts:
+        # its release never runs, and a saved snapshot keeps the key.
+        held = restorers_mutex(channel)
+        held.__enter__()
+        key = channel.unacked_mutex_key
+        assert 0 < rds.ttl(key) <= RESTORE_MUTEX_SECONDS  # not kombu's 300 s
+        # Meanwhile another restorer backs off and tries again at its next turn.
+        assert other.restore(["some-tag"]) is None
+        with pytest.raises(MutexHeld):
+            restorers_mutex(other._ensure_channel()).__enter__()
+        rds.delete(key)  # as its expiry would
+        assert other.restore(["some-tag"]) == 0  # not unacknowledged: nothing to put back
+    finally:
+        cut_off.close()
+        other.close()

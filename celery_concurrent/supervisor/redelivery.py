@@ -26,6 +26,7 @@ from kombu.transport.redis import Mutex, MutexHeld
 from redis import RedisError
 
 from ..brokers import is_redis
+from ..constants import RESTORE_MUTEX_SECONDS
 from ..held_messages import HeldMessages
 from .broker import OwnChannel
 
@@ -117,6 +118,10 @@ def restorers_mutex(channel: Any) -> Any:
 
     Whoever restores from a list read earlier must hold it: a tag restored by another
     meanwhile may already be delivered again, unacknowledged under the same tag, and
-    would be put back a second time.
+    would be put back a second time. It expires after :data:`RESTORE_MUTEX_SECONDS`.
     """
-    return Mutex(channel.client, channel.unacked_mutex_key, channel.unacked_mutex_expire)
+    # Our holds are short (a pipeline, then a transaction per tag): one that a broker
+    # restart cut off (its key saved in the snapshot, never released) must not block
+    # every restore for kombu's 300 s.
+    expire = min(channel.unacked_mutex_expire, RESTORE_MUTEX_SECONDS)
+    return Mutex(channel.client, channel.unacked_mutex_key, expire)
