@@ -23,6 +23,7 @@ _DECODER = json.JSONDecoder(object_hook=kombu_json.object_hook)
 
 
 def _decode(text: str, object_hook: Any = None) -> Any:
+    # kombu passes its own object_hook, which the shared decoder already has.
     return _DECODER.decode(text)
 
 

@@ -244,9 +244,7 @@ class Intake:
 
     def _drop(self, queue: str, tag: str | None, payload: bytes, error: BaseException) -> None:
         if tag is not None:
-            qos = self.channel.qos
-            with qos.pipe_or_acquire(client=self._client()) as pipe:
-                pipe.zrem(qos.unacked_index_key, tag).hdel(qos.unacked_key, tag).execute()
+            self._unbook([tag])
         logger.error(
             "celery-concurrent: could not read a message from %s, dropped it (%s: %s): %r",
             queue,
@@ -287,8 +285,11 @@ class Intake:
 
     def flush_acks(self) -> None:
         tags, self.acks = self.acks, []
-        if not tags:
-            return
+        if tags:
+            self._unbook(tags)
+
+    def _unbook(self, tags: list[str]) -> None:
+        """Take ``tags`` out of kombu's unacked bookkeeping, in one round trip."""
         qos = self.channel.qos
         with qos.pipe_or_acquire(client=self._client()) as pipe:
             pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
